@@ -1,0 +1,132 @@
+"""The public Python API: build, initialise, compute the objective, take accumulated steps.
+
+    import dmd_jax
+    cfg = dmd_jax.reference_config('mosi', aligned=True)
+    params = dmd_jax.init_params(cfg, jax.random.key(0))
+    total, aux = dmd_jax.compute_loss(params, batch, cfg)
+    state = dmd_jax.create_train_state(params, dmd_jax.reference_optimizer())
+    step = dmd_jax.make_train_step(cfg)
+    state, metrics = step(state, batch, jax.random.key(1))
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Mapping, Optional
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+
+from dmd_jax.config import DMDConfig
+from dmd_jax.losses import dmd_losses
+from dmd_jax.models import DMD
+
+PyTree = Any
+Batch = Mapping[str, jax.Array]
+BATCH_KEYS = ('text', 'audio', 'vision', 'labels')
+
+
+def build_model(config: DMDConfig) -> DMD:
+  return DMD(config)
+
+
+def dummy_batch(config: DMDConfig, batch_size: int = 2) -> dict[str, jax.Array]:
+  """Zeros in the MMSA layout, e.g. for initialisation or shape inference."""
+  t, a, v = config.seq_lens
+  _, da, dv = config.feature_dims
+  return {'text': jnp.zeros((batch_size, 3, t), jnp.float32),
+          'audio': jnp.zeros((batch_size, a, da), jnp.float32),
+          'vision': jnp.zeros((batch_size, v, dv), jnp.float32),
+          'labels': jnp.zeros((batch_size, 1), jnp.float32)}
+
+
+def init_params(config: DMDConfig, rng: jax.Array) -> PyTree:
+  """Random parameters with the reference's initialisers (the text encoder included; load
+  pretrained BERT weights over `params['text_model']` with `dmd_jax.load_bert`)."""
+  b = dummy_batch(config, 1)
+  init = jax.jit(lambda r: DMD(config).init(r, b['text'], b['audio'], b['vision'])['params'])
+  return init(rng)
+
+
+def check_batch(batch: Batch) -> None:
+  missing = [k for k in BATCH_KEYS if k not in batch]
+  if missing:
+    raise KeyError(f'batch lacks key(s) {missing}; a batch needs {list(BATCH_KEYS)} '
+                   f'(got {sorted(batch)})')
+  n = batch['text'].shape[0]
+  labels = batch['labels']
+  if labels.shape not in ((n,), (n, 1)):
+    raise ValueError(f"batch 'labels' has shape {tuple(labels.shape)}, expected ({n},) or ({n}, 1)")
+
+
+def forward(params: PyTree, batch: Batch, config: DMDConfig, *, rng: Optional[jax.Array] = None,
+            train: bool = False) -> dict[str, jax.Array]:
+  """Every forward output of the reference (batch-major) plus both edge matrices."""
+  rngs = {'dropout': rng} if rng is not None else {}
+  if train and rng is None and _has_dropout(config):
+    raise ValueError('train=True with non-zero dropout needs an rng key (rng=...)')
+  return DMD(config).apply({'params': params}, batch['text'], batch['audio'], batch['vision'],
+                           train=train, rngs=rngs)
+
+
+def compute_loss(params: PyTree, batch: Batch, config: DMDConfig, *,
+                 rng: Optional[jax.Array] = None, train: bool = False
+                 ) -> tuple[jax.Array, dict[str, Any]]:
+  """The DMD objective on one batch.
+
+  Returns:
+    (total, aux) with aux = {'losses': every named term (task, recon, cycle, ort, margin,
+    homo_reg, homo_logit, homo_repr, hetero_reg, hetero_logit, hetero_repr, total),
+    'outputs': every forward output under the reference's names, including `edges_homo` and
+    `edges_hetero` (B, 3, 3) indexed [source, target] in (l, v, a) order}.
+  """
+  check_batch(batch)
+  out = forward(params, batch, config, rng=rng, train=train)
+  terms = dmd_losses(out, batch['labels'], config)
+  return terms['total'], {'losses': terms, 'outputs': out}
+
+
+def _has_dropout(cfg: DMDConfig) -> bool:
+  rates = (cfg.attn_dropout, cfg.attn_dropout_a, cfg.attn_dropout_v, cfg.relu_dropout,
+           cfg.embed_dropout, cfg.res_dropout, cfg.output_dropout, cfg.text_dropout,
+           cfg.bert.hidden_dropout_prob, cfg.bert.attention_probs_dropout_prob)
+  return any(r > 0 for r in rates)
+
+
+class TrainState(flax.struct.PyTreeNode):
+  """Parameters and optimizer state; `step` counts micro-batches (optimizer updates happen once
+  per accumulation window, inside `opt_state`)."""
+  step: jax.Array
+  params: PyTree
+  opt_state: optax.OptState
+  tx: optax.GradientTransformation = flax.struct.field(pytree_node=False)
+
+  def apply_gradients(self, grads: PyTree) -> 'TrainState':
+    updates, opt_state = self.tx.update(grads, self.opt_state, self.params)
+    return self.replace(step=self.step + 1, params=optax.apply_updates(self.params, updates),
+                        opt_state=opt_state)
+
+
+def create_train_state(params: PyTree, tx: optax.GradientTransformation) -> TrainState:
+  return TrainState(step=jnp.zeros([], jnp.int32), params=params, opt_state=tx.init(params), tx=tx)
+
+
+def train_step(state: TrainState, batch: Batch, rng: jax.Array, *, config: DMDConfig,
+               train: bool = True) -> tuple[TrainState, dict[str, jax.Array]]:
+  """One micro-batch: forward, every loss, backward, clipped accumulation, and the Adam update
+  when the window completes. Pure; dropout keys are `fold_in(rng, step)`."""
+  key = jax.random.fold_in(rng, state.step)
+  grad_fn = jax.value_and_grad(compute_loss, has_aux=True)
+  (_, aux), grads = grad_fn(state.params, batch, config, rng=key, train=train)
+  metrics = dict(aux['losses'])
+  for space in ('homo', 'hetero'):
+    metrics[f'edges_{space}_mean'] = jnp.mean(aux['outputs'][f'edges_{space}'], axis=0)
+  return state.apply_gradients(grads), metrics
+
+
+def make_train_step(config: DMDConfig, *, train: bool = True, donate: bool = True):
+  """`train_step` jitted once for `config` (the state is donated unless donate=False)."""
+  fn = functools.partial(train_step, config=config, train=train)
+  return jax.jit(fn, donate_argnums=(0,) if donate else ())

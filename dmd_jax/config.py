@@ -1,0 +1,216 @@
+"""Typed, frozen model configuration.
+
+The ml_collections config files in `configs/` describe a whole run; everything the network needs is
+copied into the frozen dataclasses below (`DMDConfig`, `BertConfig`) at the model boundary, so the
+modules are hashable, jit-static and validated once.
+
+Reference values come from the released `config/config.json` and `run.py` of the PyTorch code
+(spec §1.4). Modality order inside the GD-Units is always (l, v, a); feature tuples use the MMSA
+order (t, a, v).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any, Mapping
+
+import numpy as np
+
+MODALITIES = ('l', 'v', 'a')  # Node order of both GD-Units (spec §1.4: to_idx = from_idx = [0,1,2]).
+
+
+def _prior(logits, temperature: float = 0.25) -> tuple[float, ...]:
+  """The reference's hand-set edge prior: a numpy softmax of `logits / T`, stored as float32."""
+  w = np.asarray(logits, np.float64) / temperature
+  e = np.exp(w - w.max())
+  return tuple(float(x) for x in (e / e.sum()).astype(np.float32))
+
+
+# Edge order x = 0..5 is (student, teacher) = (l,v) (l,a) (v,l) (v,a) (a,l) (a,v) (spec §2.7).
+HOMO_PRIOR = _prior([0, 0, 1, 0, 1, 0])    # favours L->V and L->A
+HETERO_PRIOR = _prior([0, 0, 1, 0, 1, 1])  # favours L->V, L->A and V->A
+
+
+@dataclasses.dataclass(frozen=True)
+class BertConfig:
+  """The subset of a Hugging Face `BertConfig` that the encoder needs."""
+  vocab_size: int = 30522
+  hidden_size: int = 768
+  num_hidden_layers: int = 12
+  num_attention_heads: int = 12
+  intermediate_size: int = 3072
+  max_position_embeddings: int = 512
+  type_vocab_size: int = 2
+  layer_norm_eps: float = 1e-12
+  hidden_dropout_prob: float = 0.1
+  attention_probs_dropout_prob: float = 0.1
+  hidden_act: str = 'gelu'
+  # HF builds word_embeddings with padding_idx=pad_token_id: that row never receives a gradient.
+  pad_token_id: int | None = 0
+
+  def __post_init__(self):
+    if self.hidden_size % self.num_attention_heads:
+      raise ValueError(f'BertConfig: hidden_size={self.hidden_size} is not divisible by '
+                       f'num_attention_heads={self.num_attention_heads}')
+    if self.hidden_act not in ('gelu', 'gelu_new', 'gelu_pytorch_tanh', 'relu'):
+      raise ValueError(f'BertConfig: unsupported hidden_act {self.hidden_act!r}')
+
+  @classmethod
+  def from_dict(cls, d: Mapping[str, Any]) -> 'BertConfig':
+    names = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: d[k] for k in names if k in d})
+
+  @classmethod
+  def from_json_file(cls, path: str) -> 'BertConfig':
+    """Reads a Hugging Face `config.json`."""
+    if not os.path.isfile(path):
+      raise FileNotFoundError(f'BERT config not found: {path}')
+    with open(path) as f:
+      try:
+        d = json.load(f)
+      except json.JSONDecodeError as e:
+        raise ValueError(f'BERT config {path} is not valid JSON: {e}') from e
+    missing = [k for k in ('hidden_size', 'num_hidden_layers', 'num_attention_heads') if k not in d]
+    if missing:
+      raise ValueError(f'BERT config {path} lacks key(s) {missing}')
+    return cls.from_dict(d)
+
+  @classmethod
+  def tiny(cls, vocab_size: int = 1000, hidden_size: int = 32, layers: int = 2,
+           heads: int = 2) -> 'BertConfig':
+    """A small random encoder for tests and smoke runs."""
+    return cls(vocab_size=vocab_size, hidden_size=hidden_size, num_hidden_layers=layers,
+               num_attention_heads=heads, intermediate_size=2 * hidden_size,
+               max_position_embeddings=64)
+
+
+@dataclasses.dataclass(frozen=True)
+class DMDConfig:
+  """Everything that defines the DMD network and its objective.
+
+  Defaults are the released MOSI hyper-parameters (aligned data, bert-base text encoder).
+  Use `reference_config(dataset, aligned)` for the four reference settings.
+  """
+  dataset: str = 'mosi'
+  aligned: bool = True
+  # Input feature widths (t, a, v); t must equal the text encoder's hidden size.
+  feature_dims: tuple[int, int, int] = (768, 5, 20)
+  # Sequence lengths (t, a, v). The reference hard-codes them; they size the flatten-Linears.
+  seq_lens: tuple[int, int, int] = (50, 50, 50)
+  d: int = 50                    # dst_feature_dim: common width of every projection.
+  num_heads: int = 10
+  nlevels: int = 4               # Depth of every transformer (the *_mem ones use max(nlevels, 3)).
+  kernel_sizes: tuple[int, int, int] = (5, 5, 5)  # Conv1d kernels (l, a, v).
+  attn_dropout: float = 0.3      # Transformers 'l', 'al', 'vl' and the three *_mem.
+  attn_dropout_a: float = 0.2    # 'a', 'la', 'va'.
+  attn_dropout_v: float = 0.0    # 'v', 'lv', 'av'.
+  relu_dropout: float = 0.0
+  embed_dropout: float = 0.2
+  res_dropout: float = 0.0
+  output_dropout: float = 0.5
+  text_dropout: float = 0.5
+  attn_mask: bool = True
+  bert: BertConfig = BertConfig()
+  # GD-Units (spec §1.4 / §2.7).
+  gd_size_homo: int = 64
+  gd_size_hetero: int = 32
+  gd_prior_homo: tuple[float, ...] = HOMO_PRIOR
+  gd_prior_hetero: tuple[float, ...] = HETERO_PRIOR
+  gd_reg: float = 10.0
+  gd_alpha: float = 1 / 8
+  w_losses_homo: tuple[float, float] = (1.0, 10.0)
+  w_losses_hetero: tuple[float, float] = (1.0, 10.0)
+  # Loss weights of the total (spec §3.7).
+  gd_weight: float = 0.05        # lambda_2, both GD-Units.
+  decouple_weight: float = 0.1   # lambda_1, cycle + reconstruction + gamma * (margin + ort).
+  margin_ort_weight: float = 0.1  # gamma.
+  margin_scale: float = 0.15     # Hinge margin per unit of label difference.
+
+  def __post_init__(self):
+    def fail(field, msg):
+      raise ValueError(f'DMDConfig.{field}: {msg}')
+    if self.dataset not in ('mosi', 'mosei'):
+      fail('dataset', f"must be 'mosi' or 'mosei', got {self.dataset!r}")
+    for name in ('feature_dims', 'seq_lens', 'kernel_sizes'):
+      v = getattr(self, name)
+      if len(v) != 3 or any(int(x) <= 0 for x in v):
+        fail(name, f'needs three positive ints, got {v!r}')
+    if self.d <= 0 or self.num_heads <= 0 or self.d % self.num_heads:
+      fail('d', f'd={self.d} must be a positive multiple of num_heads={self.num_heads}')
+    if self.d < 4:
+      fail('d', f'd={self.d} is too small for the sinusoidal positions (needs d >= 4)')
+    if self.nlevels <= 0:
+      fail('nlevels', f'must be positive, got {self.nlevels}')
+    if self.feature_dims[0] != self.bert.hidden_size:
+      fail('feature_dims', f'text width {self.feature_dims[0]} != text encoder hidden_size '
+           f'{self.bert.hidden_size}')
+    for m, t, k in zip('lav', self.seq_lens, self.kernel_sizes):
+      if t - k + 1 <= 0:
+        fail('kernel_sizes', f'kernel {k} of modality {m} is longer than its sequence ({t})')
+    for name in ('gd_prior_homo', 'gd_prior_hetero'):
+      if len(getattr(self, name)) != 6:
+        fail(name, 'needs six values, one per directed edge')
+    for name in ('attn_dropout', 'attn_dropout_a', 'attn_dropout_v', 'relu_dropout',
+                 'embed_dropout', 'res_dropout', 'output_dropout', 'text_dropout'):
+      if not 0.0 <= getattr(self, name) < 1.0:
+        fail(name, f'dropout rate must be in [0, 1), got {getattr(self, name)}')
+
+  # Derived sizes -------------------------------------------------------------------------------
+  @property
+  def conv_lens(self) -> dict[str, int]:
+    """T'_m = T_m - k_m + 1 per modality, keyed 'l', 'a', 'v'."""
+    return {m: t - k + 1 for m, t, k in zip('lav', self.seq_lens, self.kernel_sizes)}
+
+  @property
+  def input_dims(self) -> dict[str, int]:
+    return dict(zip('lav', self.feature_dims))
+
+  @property
+  def kernels(self) -> dict[str, int]:
+    return dict(zip('lav', self.kernel_sizes))
+
+  def without_dropout(self) -> 'DMDConfig':
+    """The same network with every dropout rate at zero (the parity fixtures' setting)."""
+    zero = {n: 0.0 for n in ('attn_dropout', 'attn_dropout_a', 'attn_dropout_v', 'relu_dropout',
+                             'embed_dropout', 'res_dropout', 'output_dropout', 'text_dropout')}
+    bert = dataclasses.replace(self.bert, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    return dataclasses.replace(self, bert=bert, **zero)
+
+  def replace(self, **kw) -> 'DMDConfig':
+    return dataclasses.replace(self, **kw)
+
+
+# The four reference settings (spec §1.4 and §2.1). Lengths are (t, a, v); the reference's
+# MOSI-unaligned lengths are audio 375 and vision 500.
+_DATASET = {
+    'mosi': dict(feature_dims=(768, 5, 20), d=50, num_heads=10, kernel_sizes=(5, 5, 5),
+                 attn_dropout=0.3, attn_dropout_a=0.2, attn_dropout_v=0.0, relu_dropout=0.0,
+                 embed_dropout=0.2, res_dropout=0.0, output_dropout=0.5, text_dropout=0.5),
+    'mosei': dict(feature_dims=(768, 74, 35), d=30, num_heads=6, kernel_sizes=(5, 1, 3),
+                  attn_dropout=0.4, attn_dropout_a=0.0, attn_dropout_v=0.0, relu_dropout=0.0,
+                  embed_dropout=0.0, res_dropout=0.0, output_dropout=0.5, text_dropout=0.3),
+}
+_SEQ_LENS = {
+    ('mosi', True): (50, 50, 50), ('mosi', False): (50, 375, 500),
+    ('mosei', True): (50, 50, 50), ('mosei', False): (50, 500, 500),
+}
+
+
+def reference_config(dataset: str = 'mosi', aligned: bool = True,
+                     bert: BertConfig | None = None, **overrides) -> DMDConfig:
+  """The released hyper-parameters for `dataset` ('mosi'/'mosei') and alignment.
+
+  `bert` replaces the bert-base-uncased encoder config (feature_dims[0] follows its width);
+  any other field can be overridden by keyword.
+  """
+  if dataset not in _DATASET:
+    raise ValueError(f"dataset must be 'mosi' or 'mosei', got {dataset!r}")
+  kw = dict(_DATASET[dataset], dataset=dataset, aligned=aligned,
+            seq_lens=_SEQ_LENS[(dataset, bool(aligned))])
+  bert = bert or BertConfig()
+  kw['bert'] = bert
+  kw['feature_dims'] = (bert.hidden_size,) + tuple(kw['feature_dims'][1:])
+  kw.update(overrides)
+  return DMDConfig(**kw)

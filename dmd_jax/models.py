@@ -1,0 +1,139 @@
+"""The DMD network (spec §2.4), batch-major.
+
+Inputs use the MMSA layout: `text` (B, 3, T_t) rows = token ids, attention mask, segment ids;
+`audio` (B, T_a, d_a); `vision` (B, T_v, d_v). `DMD.__call__` returns every forward output of the
+reference under its names, batch-major ((B, T', d) sequences, (B, D) vectors, (B, 1) logits),
+plus the two GD-Units' normalised edges, both as (B, 6) lists in the reference's edge order
+(`edge_list_homo`, `edge_list_hetero`) and as (B, 3, 3) matrices [source, target] in (l, v, a)
+order (`edges_homo`, `edges_hetero`).
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from dmd_jax.bert import BertModel
+from dmd_jax.config import DMDConfig
+from dmd_jax.distill import GDUnit, edges_to_matrix
+from dmd_jax.layers import Linear, TransformerEncoder, conv1d
+
+
+def _residual_head(x, width_hidden, width_out, names, rate, deterministic):
+  """out(proj2(dropout(relu(proj1(x)))) + x) -> (logit, relu(proj1(x)), proj2(...) + x)."""
+  p1, p2, out = names
+  r = nn.relu(Linear(width_hidden, name=p1)(x))
+  h = Linear(width_out, name=p2)(nn.Dropout(rate)(r, deterministic=deterministic)) + x
+  return Linear(1, name=out)(h), r, h
+
+
+class DMD(nn.Module):
+  """Decoupled Multimodal Distilling network with its two GD-Units."""
+  config: DMDConfig
+
+  def _transformer(self, kind: str, name: str) -> TransformerEncoder:
+    """get_network(): width and attention dropout by transformer type (spec §2.5 item 6)."""
+    cfg = self.config
+    rate = {'l': cfg.attn_dropout, 'al': cfg.attn_dropout, 'vl': cfg.attn_dropout,
+            'a': cfg.attn_dropout_a, 'la': cfg.attn_dropout_a, 'va': cfg.attn_dropout_a,
+            'v': cfg.attn_dropout_v, 'lv': cfg.attn_dropout_v, 'av': cfg.attn_dropout_v,
+            'mem': cfg.attn_dropout}[kind]
+    mem = kind == 'mem'
+    return TransformerEncoder(
+        embed_dim=2 * cfg.d if mem else cfg.d, num_heads=cfg.num_heads,
+        layers=max(cfg.nlevels, 3) if mem else cfg.nlevels, attn_dropout=rate,
+        relu_dropout=cfg.relu_dropout, res_dropout=cfg.res_dropout,
+        embed_dropout=cfg.embed_dropout, attn_mask=cfg.attn_mask, name=name)
+
+  @nn.compact
+  def __call__(self, text: jax.Array, audio: jax.Array, vision: jax.Array, *,
+               train: bool = False) -> dict[str, jax.Array]:
+    cfg, det = self.config, not train
+    _check_inputs(cfg, text, audio, vision)
+    d, bsz = cfg.d, text.shape[0]
+    drop = lambda rate, x: nn.Dropout(rate)(x, deterministic=det)
+    out = {}
+
+    # 1. Text encoder: all token states, no pooling; pads are not masked downstream.
+    ids, mask, segments = (text[:, i].astype(jnp.int32) for i in range(3))
+    hidden = BertModel(cfg.bert, name='text_model')(ids, mask, segments, deterministic=det)
+    x = {'l': drop(cfg.text_dropout, hidden), 'a': audio, 'v': vision}
+
+    # 2-5. Temporal projection, decoupling (one shared common encoder), reconstruction, cycle.
+    encoder_c = conv1d(d, 1, 'encoder_c')
+    s, c = {}, {}
+    for m in 'lva':
+      origin = conv1d(d, cfg.kernels[m], f'proj_{m}')(x[m])          # (B, T'_m, d)
+      encoder_s = conv1d(d, 1, f'encoder_s_{m}')
+      s[m], c[m] = encoder_s(origin), encoder_c(origin)
+      channel_major = jnp.swapaxes(c[m], 1, 2).reshape(bsz, -1)       # index ch * T' + t
+      recon = conv1d(d, 1, f'decoder_{m}')(jnp.concatenate([s[m], c[m]], axis=-1))
+      out.update({f'origin_{m}': origin, f's_{m}': s[m], f'c_{m}': c[m], f'recon_{m}': recon,
+                  f's_{m}_r': encoder_s(recon),
+                  f'c_{m}_sim': Linear(d, name=f'align_c_{m}')(channel_major)})
+
+    # 6-8. HomoGD heads on the time-major flatten of c_m; repr is the post-ReLU activation.
+    for m in 'lva':
+      flat = c[m].reshape(bsz, -1)                                      # index t * d + ch
+      logit, r, _ = _residual_head(flat, d, flat.shape[-1],
+                                   (f'proj1_{m}_low', f'proj2_{m}_low', f'out_layer_{m}_low'),
+                                   cfg.output_dropout, det)
+      out[f'logits_{m}_homo'], out[f'repr_{m}_homo'] = logit, r
+      out[f'proj_s_{m}'] = Linear(d, name=f'proj_cosine_{m}')(s[m].reshape(bsz, -1))  # unused
+
+    # 9. Self-attention on common features, last step, residual head.
+    c_fusion = jnp.concatenate(
+        [self._transformer(m, f'self_attentions_c_{m}')(c[m], deterministic=det)[:, -1]
+         for m in 'lva'], axis=-1)                                      # (B, 3d)
+    out['logits_c'], _, _ = _residual_head(c_fusion, 3 * d, 3 * d,
+                                           ('proj1_c', 'proj2_c', 'out_layer_c'),
+                                           cfg.output_dropout, det)
+
+    # 10-11. Cross-modal transformers on specific features (query = target modality), then the
+    # memory transformers, last step, HeteroGD heads (repr taken after the residual add).
+    last_h = {}
+    for m, (o1, o2) in (('l', 'av'), ('a', 'lv'), ('v', 'la')):
+      cross = [self._transformer(m + o, f'trans_{m}_with_{o}')(s[m], s[o], deterministic=det)
+               for o in (o1, o2)]
+      h = self._transformer('mem', f'trans_{m}_mem')(jnp.concatenate(cross, axis=-1),
+                                                     deterministic=det)
+      last_h[m] = out[f'last_h_{m}'] = h[:, -1]                          # (B, 2d)
+    for m in 'lva':
+      logit, _, rep = _residual_head(last_h[m], 2 * d, 2 * d,
+                                     (f'proj1_{m}_high', f'proj2_{m}_high', f'out_layer_{m}_high'),
+                                     cfg.output_dropout, det)
+      out[f'logits_{m}_hetero'], out[f'repr_{m}_hetero'] = logit, rep
+
+    # 12. Fusion: sigmoid gates replace the features, concatenated l, v, a, c.
+    z = jnp.concatenate([jax.nn.sigmoid(Linear(2 * d, name=f'weight_{m}')(last_h[m]))
+                         for m in 'lva'] +
+                        [jax.nn.sigmoid(Linear(3 * d, name='weight_c')(c_fusion))], axis=-1)
+    out['output_logit'], _, _ = _residual_head(z, 9 * d, 9 * d, ('proj1', 'proj2', 'out_layer'),
+                                               cfg.output_dropout, det)
+
+    # GD-Units over nodes (l, v, a).
+    for space, g in (('homo', cfg.gd_size_homo), ('hetero', cfg.gd_size_hetero)):
+      logits = jnp.stack([out[f'logits_{m}_{space}'] for m in 'lva'])
+      reprs = jnp.stack([out[f'repr_{m}_{space}'] for m in 'lva'])
+      edges = GDUnit(g, cfg.gd_alpha, name=f'{space}_gd')(logits, reprs)
+      out[f'edge_list_{space}'] = edges
+      out[f'edges_{space}'] = edges_to_matrix(edges)
+    return out
+
+
+def _check_inputs(cfg: DMDConfig, text, audio, vision) -> None:
+  """Shapes are static under jit, so a wrong input fails here with names, before tracing on."""
+  t_len, a_len, v_len = cfg.seq_lens
+  _, a_dim, v_dim = cfg.feature_dims
+  expected = {'text': (3, t_len), 'audio': (a_len, a_dim), 'vision': (v_len, v_dim)}
+  b = None
+  for name, arr in (('text', text), ('audio', audio), ('vision', vision)):
+    if arr.ndim != 3 or tuple(arr.shape[1:]) != expected[name]:
+      raise ValueError(f"input '{name}' has shape {tuple(arr.shape)}, expected "
+                       f"(B, {expected[name][0]}, {expected[name][1]}) for "
+                       f"{cfg.dataset} {'aligned' if cfg.aligned else 'unaligned'} "
+                       f"(seq_lens t/a/v={cfg.seq_lens}, feature_dims={cfg.feature_dims})")
+    if b is not None and arr.shape[0] != b:
+      raise ValueError(f"input '{name}' has batch size {arr.shape[0]}, 'text' has {b}")
+    b = arr.shape[0]

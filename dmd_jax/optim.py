@@ -1,0 +1,82 @@
+"""The reference's optimizer semantics as an optax transformation (spec §4).
+
+PyTorch reference, per mini-batch: `backward()` adds the gradient into `.grad` (summed, not
+averaged), then `clip_grad_value_(params, 0.6)` clips the *running sum* elementwise; after every
+`update_epochs` (= 10) mini-batches one Adam step is taken and `.grad` is zeroed at the next
+window's first batch. A trailing partial window is never stepped.
+
+`accumulate_clipped` reproduces exactly that around any inner transformation: it returns zero
+updates until the window is complete, then the inner update of the clipped sum.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+import optax
+
+PyTree = Any
+
+
+class AccumulationState(NamedTuple):
+  acc: PyTree            # clipped running sum of this window's gradients
+  count: jax.Array       # micro-batches accumulated in the current window
+  inner: optax.OptState
+
+
+def accumulate_clipped(inner: optax.GradientTransformation, every_k: int,
+                       clip: Optional[float]) -> optax.GradientTransformation:
+  """Sum gradients over `every_k` micro-batches, clipping the running sum to +-clip after each
+  one (no clipping when clip is None or <= 0), and apply `inner` once per window."""
+  if every_k < 1:
+    raise ValueError(f'every_k (update_epochs) must be >= 1, got {every_k}')
+  use_clip = clip is not None and clip > 0
+
+  def init_fn(params):
+    return AccumulationState(jax.tree.map(jnp.zeros_like, params), jnp.zeros([], jnp.int32),
+                             inner.init(params))
+
+  def update_fn(grads, state, params=None):
+    add = (lambda a, g: jnp.clip(a + g, -clip, clip)) if use_clip else (lambda a, g: a + g)
+    acc = jax.tree.map(add, state.acc, grads)
+    count = state.count + 1
+
+    def step(_):
+      updates, inner_state = inner.update(acc, state.inner, params)
+      return updates, AccumulationState(jax.tree.map(jnp.zeros_like, acc),
+                                        jnp.zeros([], jnp.int32), inner_state)
+
+    def wait(_):
+      return jax.tree.map(jnp.zeros_like, acc), AccumulationState(acc, count, state.inner)
+
+    return jax.lax.cond(count >= every_k, step, wait, None)
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+def reset_window(state: AccumulationState) -> AccumulationState:
+  """Drops a partially accumulated window (what the reference does at each epoch's start)."""
+  return state._replace(acc=jax.tree.map(jnp.zeros_like, state.acc),
+                        count=jnp.zeros_like(state.count))
+
+
+def reference_optimizer(learning_rate: float = 1e-4, update_epochs: int = 10,
+                        grad_clip: Optional[float] = 0.6) -> optax.GradientTransformation:
+  """Adam with PyTorch's defaults (betas 0.9/0.999, eps 1e-8, no weight decay) on all
+  parameters, behind the clipped accumulation. The learning rate is an injected hyper-parameter
+  so a plateau scheduler can change it (`set_learning_rate`)."""
+  adam = optax.inject_hyperparams(optax.adam)(learning_rate=learning_rate, b1=0.9, b2=0.999,
+                                              eps=1e-8)
+  return accumulate_clipped(adam, update_epochs, grad_clip)
+
+
+def set_learning_rate(state: AccumulationState, lr: float) -> AccumulationState:
+  inner = state.inner
+  hp = dict(inner.hyperparams, learning_rate=jnp.asarray(lr, jnp.float32))
+  return state._replace(inner=inner._replace(hyperparams=hp))
+
+
+def get_learning_rate(state: AccumulationState) -> float:
+  return float(state.inner.hyperparams['learning_rate'])
