@@ -214,3 +214,19 @@ def reference_config(dataset: str = 'mosi', aligned: bool = True,
   kw['feature_dims'] = (bert.hidden_size,) + tuple(kw['feature_dims'][1:])
   kw.update(overrides)
   return DMDConfig(**kw)
+
+
+_RUN_MODEL_KEYS = ('d', 'num_heads', 'nlevels', 'kernel_sizes', 'attn_dropout', 'attn_dropout_a',
+                   'attn_dropout_v', 'relu_dropout', 'embed_dropout', 'res_dropout',
+                   'output_dropout', 'text_dropout', 'attn_mask')
+
+
+def from_run_config(run: Mapping[str, Any], bert: BertConfig) -> DMDConfig:
+  """The `DMDConfig` of a run config (`configs/*.py`): dataset, alignment and `model.*` fields,
+  with the text encoder's `BertConfig`. Unknown `model` keys are rejected by name."""
+  model = dict(run['model'])
+  unknown = sorted(set(model) - set(_RUN_MODEL_KEYS))
+  if unknown:
+    raise ValueError(f'config.model has unknown key(s) {unknown}; known: {list(_RUN_MODEL_KEYS)}')
+  model['kernel_sizes'] = tuple(model['kernel_sizes'])
+  return reference_config(run['dataset'], bool(run['aligned']), bert=bert, **model)

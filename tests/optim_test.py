@@ -1,0 +1,52 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from dmd_jax.optim import (accumulate_clipped, get_learning_rate, reference_optimizer,
+                           reset_window, set_learning_rate)
+
+
+def test_clipped_sum_then_one_update_per_window():
+  tx = accumulate_clipped(optax.sgd(1.0), every_k=3, clip=0.6)
+  params = jnp.zeros(2)
+  state = tx.init(params)
+  grads = [jnp.array([0.5, -0.1]), jnp.array([0.5, -0.1]), jnp.array([-0.3, -0.1])]
+  acc = np.zeros(2)
+  for i, g in enumerate(grads):
+    updates, state = tx.update(g, state, params)
+    acc = np.clip(acc + np.asarray(g), -0.6, 0.6)  # clip after every micro-batch, on the sum
+    if i < 2:
+      np.testing.assert_array_equal(updates, 0.0)
+      np.testing.assert_allclose(state.acc, acc)
+  np.testing.assert_allclose(updates, -acc)  # sgd(1): the clipped sum 0.6 - 0.3, not 1.0 - 0.3
+  np.testing.assert_allclose(updates, [-0.3, 0.3], rtol=1e-6)
+  assert int(state.count) == 0 and not np.any(state.acc)
+
+
+def test_partial_window_is_dropped():
+  tx = accumulate_clipped(optax.sgd(1.0), every_k=2, clip=None)
+  state = tx.init(jnp.zeros(1))
+  _, state = tx.update(jnp.ones(1), state)
+  state = reset_window(state)
+  updates, state = tx.update(jnp.full(1, 2.0), state)
+  np.testing.assert_array_equal(updates, 0.0)
+  updates, _ = tx.update(jnp.full(1, 3.0), state)
+  np.testing.assert_allclose(updates, [-5.0])  # 2 + 3; the dropped 1 is gone
+
+
+def test_adam_matches_pytorch_formula_and_lr_is_settable():
+  tx = reference_optimizer(1e-3, update_epochs=1, grad_clip=None)
+  p = jnp.array([1.0, -2.0])
+  state = tx.init(p)
+  m = v = np.zeros(2)
+  pn = np.asarray(p, np.float64)
+  for t, g in enumerate([np.array([0.1, -0.2]), np.array([0.3, 0.05])], start=1):
+    updates, state = tx.update(jnp.asarray(g, jnp.float32), state, p)
+    p = optax.apply_updates(p, updates)
+    m = 0.9 * m + 0.1 * g
+    v = 0.999 * v + 0.001 * g * g
+    pn = pn - 1e-3 / (1 - 0.9 ** t) * m / (np.sqrt(v) / np.sqrt(1 - 0.999 ** t) + 1e-8)
+  np.testing.assert_allclose(p, pn, rtol=1e-6)
+  state = set_learning_rate(state, 5e-4)
+  assert abs(get_learning_rate(state) - 5e-4) < 1e-10
