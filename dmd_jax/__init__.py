@@ -1,7 +1,8 @@
 """dmd_jax: Decoupled Multimodal Distilling (DMD, CVPR 2023) in JAX/Flax."""
 
 from dmd_jax.api import (TrainState, build_model, check_batch, compute_loss, create_train_state,
-                         dummy_batch, forward, init_params, make_train_step, train_step)
+                         dummy_batch, forward, init_params, make_train_step, random_batch,
+                         train_step)
 from dmd_jax.bert import BertModel, load_bert
 from dmd_jax.checkpoint import (export_reference, import_reference, load_state_dict,
                                 restore_params, save_params)

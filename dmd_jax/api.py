@@ -17,6 +17,7 @@ from typing import Any, Mapping, Optional
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from dmd_jax.config import DMDConfig
@@ -40,6 +41,27 @@ def dummy_batch(config: DMDConfig, batch_size: int = 2) -> dict[str, jax.Array]:
           'audio': jnp.zeros((batch_size, a, da), jnp.float32),
           'vision': jnp.zeros((batch_size, v, dv), jnp.float32),
           'labels': jnp.zeros((batch_size, 1), jnp.float32)}
+
+
+def random_batch(cfg, batch_size: int, seed: int = 0) -> dict[str, jax.Array]:
+  """Random inputs in the MMSA layout: real-looking token ids and masks, Gaussian features with
+  zero-padded tails, labels on MOSEI's 1/3 grid."""
+  rs = np.random.default_rng(seed)
+  t, a, v = cfg.seq_lens
+  _, da, dv = cfg.feature_dims
+  n_tok = rs.integers(5, t + 1, batch_size)
+  mask = (np.arange(t)[None] < n_tok[:, None]).astype(np.float32)
+  ids = rs.integers(1000, min(cfg.bert.vocab_size, 30000), (batch_size, t)) * mask
+  text = np.stack([ids, mask, np.zeros_like(mask)], axis=1).astype(np.float32)
+
+  def feats(length, dim):
+    x = rs.normal(size=(batch_size, length, dim)).astype(np.float32)
+    keep = rs.integers(length // 2, length + 1, batch_size)
+    return x * (np.arange(length)[None, :, None] < keep[:, None, None])
+
+  labels = np.round(rs.uniform(-3, 3, (batch_size, 1)) * 3) / 3
+  return {'text': jnp.asarray(text), 'audio': jnp.asarray(feats(a, da)),
+          'vision': jnp.asarray(feats(v, dv)), 'labels': jnp.asarray(labels, jnp.float32)}
 
 
 def init_params(config: DMDConfig, rng: jax.Array) -> PyTree:

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dmd_jax.config import BertConfig
+from dmd_jax.layers import LayerNorm
 
 PyTree = Any
 _INIT = nn.initializers.normal(0.02)  # HF's initializer_range; only used without pretrained weights.
@@ -37,8 +38,8 @@ def _dense(features: int, name: str) -> nn.Dense:
   return nn.Dense(features, kernel_init=_INIT, name=name)
 
 
-def _ln(eps: float, name: str) -> nn.LayerNorm:
-  return nn.LayerNorm(epsilon=eps, use_fast_variance=False, name=name)
+def _ln(eps: float, name: str) -> LayerNorm:
+  return LayerNorm(epsilon=eps, name=name)
 
 
 class _SelfAttention(nn.Module):

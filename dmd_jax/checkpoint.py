@@ -12,6 +12,7 @@ keys are `W_logit.*`, `W_repr.*`, `W_edge.*`.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -230,6 +231,20 @@ def restore_params(directory: str, step: Optional[int] = None) -> tuple[PyTree, 
   return got[PARAMS_ITEM], dict(got[META_ITEM])
 
 
-def config_to_json(config) -> str:
-  import dataclasses
-  return json.dumps(dataclasses.asdict(config))
+def import_to_checkpoint(run, dmd, out, homo_gd=None, hetero_gd=None, bert_config=None,
+                         seed=0) -> str:
+  """`import_reference` for a run config (`configs/*.py`), written with `save_params` to `out`.
+
+  The text encoder's sizes come from `bert_config` (a config.json path), else from the run's
+  `text_encoder` (a local directory or hub id, or 'random' with `random_bert`)."""
+  from dmd_jax.config import BertConfig, from_run_config
+  from dmd_jax.text_encoder import bert_config_of
+
+  bert = BertConfig.from_json_file(bert_config) if bert_config else bert_config_of(run)
+  cfg = from_run_config(run, bert)
+  params = import_reference(cfg, dmd, homo_gd, hetero_gd, rng=jax.random.key(seed))
+  meta = {'run_config': json.loads(run.to_json()), 'model_config': dataclasses.asdict(cfg),
+          'imported_from': {'dmd': os.path.abspath(dmd),
+                            'homo_gd': homo_gd and os.path.abspath(homo_gd),
+                            'hetero_gd': hetero_gd and os.path.abspath(hetero_gd)}}
+  return save_params(out, params, meta)

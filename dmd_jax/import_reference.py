@@ -12,10 +12,6 @@ config, with `--config.x=y` overrides, and must match the checkpoint (a shape mi
 
 from __future__ import annotations
 
-import dataclasses
-import json
-import os
-
 from absl import app, flags
 from ml_collections import config_flags
 
@@ -30,37 +26,15 @@ _OUT = flags.DEFINE_string('out', None, 'Checkpoint directory to create.')
 _SEED = flags.DEFINE_integer('seed', 0, 'Seed for GD-Units that are not imported.')
 
 
-def run_import(run, dmd, out, homo_gd=None, hetero_gd=None, bert_config=None, seed=0) -> str:
-  import jax
-  from dmd_jax.bert import resolve_bert_dir
-  from dmd_jax.checkpoint import import_reference, save_params
-  from dmd_jax.config import BertConfig, from_run_config
-
-  if bert_config is None:
-    if run.text_encoder == 'random':
-      bert = BertConfig.from_dict(dict(run.random_bert))
-    else:
-      bert = BertConfig.from_json_file(os.path.join(resolve_bert_dir(run.text_encoder),
-                                                    'config.json'))
-  else:
-    bert = BertConfig.from_json_file(bert_config)
-  cfg = from_run_config(run, bert)
-  params = import_reference(cfg, dmd, homo_gd, hetero_gd, rng=jax.random.key(seed))
-  meta = {'run_config': json.loads(run.to_json()), 'model_config': dataclasses.asdict(cfg),
-          'imported_from': {'dmd': os.path.abspath(dmd),
-                            'homo_gd': homo_gd and os.path.abspath(homo_gd),
-                            'hetero_gd': hetero_gd and os.path.abspath(hetero_gd)}}
-  return save_params(out, params, meta)
-
-
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   for name, flag in (('config', _CONFIG.value), ('dmd', _DMD.value), ('out', _OUT.value)):
     if flag is None:
       raise app.UsageError(f'--{name} is required')
-  path = run_import(_CONFIG.value, _DMD.value, _OUT.value, _HOMO.value, _HETERO.value,
-                    _BERT_CONFIG.value, _SEED.value)
+  from dmd_jax.checkpoint import import_to_checkpoint
+  path = import_to_checkpoint(_CONFIG.value, _DMD.value, _OUT.value, _HOMO.value,
+                              _HETERO.value, _BERT_CONFIG.value, _SEED.value)
   print(f'wrote {path}')
 
 

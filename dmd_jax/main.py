@@ -10,35 +10,13 @@ from __future__ import annotations
 
 import time
 
-from absl import app, flags, logging
+from absl import app, logging
 import jax
-import jax.numpy as jnp
 import numpy as np
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Run configuration file (configs/*.py).',
                                           lock_config=True)
-
-
-def random_batch(cfg, batch_size: int, seed: int = 0) -> dict[str, jax.Array]:
-  """Random inputs in the MMSA layout: real-looking token ids and masks, Gaussian features with
-  zero-padded tails, labels on MOSEI's 1/3 grid."""
-  rs = np.random.default_rng(seed)
-  t, a, v = cfg.seq_lens
-  _, da, dv = cfg.feature_dims
-  n_tok = rs.integers(5, t + 1, batch_size)
-  mask = (np.arange(t)[None] < n_tok[:, None]).astype(np.float32)
-  ids = rs.integers(1000, min(cfg.bert.vocab_size, 30000), (batch_size, t)) * mask
-  text = np.stack([ids, mask, np.zeros_like(mask)], axis=1).astype(np.float32)
-
-  def feats(length, dim):
-    x = rs.normal(size=(batch_size, length, dim)).astype(np.float32)
-    keep = rs.integers(length // 2, length + 1, batch_size)
-    return x * (np.arange(length)[None, :, None] < keep[:, None, None])
-
-  labels = np.round(rs.uniform(-3, 3, (batch_size, 1)) * 3) / 3
-  return {'text': jnp.asarray(text), 'audio': jnp.asarray(feats(a, da)),
-          'vision': jnp.asarray(feats(v, dv)), 'labels': jnp.asarray(labels, jnp.float32)}
 
 
 def smoke(run) -> dict[str, float]:
@@ -57,7 +35,7 @@ def smoke(run) -> dict[str, float]:
   tx = dmd_jax.reference_optimizer(run.learning_rate, run.update_epochs, run.grad_clip)
   state = dmd_jax.create_train_state(params, tx)
   step = dmd_jax.make_train_step(cfg)
-  batch = random_batch(cfg, run.batch_size)
+  batch = dmd_jax.random_batch(cfg, run.batch_size)
   key = jax.random.key(0)
   t0 = time.perf_counter()
   state, metrics = step(state, batch, key)

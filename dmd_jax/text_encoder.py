@@ -2,14 +2,23 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any, Mapping, Optional
 
 import jax
 
-from dmd_jax.bert import load_bert
+from dmd_jax.bert import load_bert, resolve_bert_dir
 from dmd_jax.config import BertConfig
 
 PyTree = Any
+
+
+def bert_config_of(run: Mapping[str, Any]) -> BertConfig:
+  """The encoder's `BertConfig` alone (no weights are read)."""
+  if run['text_encoder'] == 'random':
+    return BertConfig.from_dict(dict(run['random_bert']))
+  return BertConfig.from_json_file(os.path.join(resolve_bert_dir(run['text_encoder']),
+                                                'config.json'))
 
 
 def text_encoder(run: Mapping[str, Any]) -> tuple[BertConfig, Optional[PyTree]]:
@@ -18,10 +27,9 @@ def text_encoder(run: Mapping[str, Any]) -> tuple[BertConfig, Optional[PyTree]]:
   'random' gives the sizes in `run.random_bert` and no weights (the caller keeps its random
   initialisation); anything else is a local Hugging Face directory or a hub id.
   """
-  name = run['text_encoder']
-  if name == 'random':
-    return BertConfig.from_dict(dict(run['random_bert'])), None
-  return load_bert(name)
+  if run['text_encoder'] == 'random':
+    return bert_config_of(run), None
+  return load_bert(run['text_encoder'])
 
 
 def with_text_encoder(params: PyTree, bert_params: Optional[PyTree]) -> PyTree:

@@ -1,6 +1,9 @@
 """Reference state dicts <-> parameters, errors that name keys, orbax round trips, the CLI."""
 
 import os
+import pathlib
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -11,6 +14,7 @@ from dmd_jax.checkpoint import (import_reference, params_to_state_dict, restore_
                                 save_params, torch_key)
 from dmd_jax.config import BertConfig, reference_config
 
+REPO = pathlib.Path(__file__).resolve().parents[1]
 CFG = reference_config('mosi', bert=BertConfig.tiny(hidden_size=16, layers=1), d=4, num_heads=2,
                        nlevels=1)
 
@@ -88,20 +92,27 @@ def test_orbax_round_trip_and_no_overwrite(params, tmp_path):
 
 def test_import_command(parity, tmp_path):
   """The CLI on a reference checkpoint gives the parameters the parity tests validate."""
-  from configs import mosi
-  from dmd_jax.import_reference import run_import
   v = parity.variant
-  run = mosi.get_config('aligned' if v['aligned'] else 'unaligned')
-  run.dataset = v['dataset']
-  run.model.update(dict(d=v['dst_feature_dim'], num_heads=v['nheads'],
-                        kernel_sizes=tuple(v['conv1d_kernel_sizes_lav'])))
-  out = tmp_path / 'imported'
   fx = parity.path
-  run.text_encoder = str(fx / 'bert')
+  out = tmp_path / 'imported'
+  alignment = 'aligned' if v['aligned'] else 'unaligned'
   if parity.config.seq_lens != reference_config(v['dataset'], v['aligned']).seq_lens:
     pytest.skip('fixture lengths differ from the released ones')
-  run_import(run, str(fx / 'dmd.npz'), str(out), str(fx / 'homo_gd.npz'), str(fx / 'hetero_gd.npz'))
+  cmd = [sys.executable, '-m', 'dmd_jax.import_reference',
+         f'--config=configs/{v["dataset"]}.py:{alignment}', f'--dmd={fx / "dmd.npz"}',
+         f'--homo_gd={fx / "homo_gd.npz"}', f'--hetero_gd={fx / "hetero_gd.npz"}', f'--out={out}',
+         f'--config.text_encoder={fx / "bert"}', f'--config.model.d={v["dst_feature_dim"]}',
+         f'--config.model.num_heads={v["nheads"]}',
+         '--config.model.kernel_sizes=' + ','.join(map(str, v['conv1d_kernel_sizes_lav']))]
+  proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
   got, meta = restore_params(str(out))
   want = import_reference(parity.config, fx / 'dmd.npz', fx / 'homo_gd.npz', fx / 'hetero_gd.npz')
   jax.tree.map(np.testing.assert_array_equal, got, jax.device_get(want))
   assert meta['model_config']['d'] == v['dst_feature_dim']
+  # A checkpoint of the wrong setting fails with the key and both shapes, and writes nothing.
+  bad = [a for a in cmd if not a.startswith(('--config.model.d=', '--out='))]
+  bad += ['--config.model.d=12', f'--out={tmp_path / "bad"}']
+  proc = subprocess.run(bad, cwd=REPO, capture_output=True, text=True, timeout=600)
+  assert proc.returncode != 0 and 'shape mismatch' in proc.stderr
+  assert not (tmp_path / 'bad').exists()
