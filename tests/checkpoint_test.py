@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import dmd_jax
-from dmd_jax.checkpoint import (import_reference, params_to_state_dict, restore_params,
+from dmd_jax.checkpoint import (import_reference, restore_params,
                                 save_params, torch_key)
 from dmd_jax.config import BertConfig, reference_config
 
