@@ -87,7 +87,7 @@ def forward(params: PyTree, batch: Batch, config: DMDConfig, *, rng: Optional[ja
             train: bool = False) -> dict[str, jax.Array]:
   """Every forward output of the reference (batch-major) plus both edge matrices."""
   rngs = {'dropout': rng} if rng is not None else {}
-  if train and rng is None and _has_dropout(config):
+  if train and rng is None and config.has_dropout:
     raise ValueError('train=True with non-zero dropout needs an rng key (rng=...)')
   return DMD(config).apply({'params': params}, batch['text'], batch['audio'], batch['vision'],
                            train=train, rngs=rngs)
@@ -108,13 +108,6 @@ def compute_loss(params: PyTree, batch: Batch, config: DMDConfig, *,
   out = forward(params, batch, config, rng=rng, train=train)
   terms = dmd_losses(out, batch['labels'], config)
   return terms['total'], {'losses': terms, 'outputs': out}
-
-
-def _has_dropout(cfg: DMDConfig) -> bool:
-  rates = (cfg.attn_dropout, cfg.attn_dropout_a, cfg.attn_dropout_v, cfg.relu_dropout,
-           cfg.embed_dropout, cfg.res_dropout, cfg.output_dropout, cfg.text_dropout,
-           cfg.bert.hidden_dropout_prob, cfg.bert.attention_probs_dropout_prob)
-  return any(r > 0 for r in rates)
 
 
 class TrainState(flax.struct.PyTreeNode):

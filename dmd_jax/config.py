@@ -18,7 +18,9 @@ from typing import Any, Mapping
 
 import numpy as np
 
-MODALITIES = ('l', 'v', 'a')  # Node order of both GD-Units (spec §1.4: to_idx = from_idx = [0,1,2]).
+MODALITIES = ('l', 'v', 'a')
+DROPOUT_FIELDS = ('attn_dropout', 'attn_dropout_a', 'attn_dropout_v', 'relu_dropout',
+                  'embed_dropout', 'res_dropout', 'output_dropout', 'text_dropout')  # Node order of both GD-Units (spec §1.4: to_idx = from_idx = [0,1,2]).
 
 
 def _prior(logits, temperature: float = 0.25) -> tuple[float, ...]:
@@ -152,8 +154,7 @@ class DMDConfig:
     for name in ('gd_prior_homo', 'gd_prior_hetero'):
       if len(getattr(self, name)) != 6:
         fail(name, 'needs six values, one per directed edge')
-    for name in ('attn_dropout', 'attn_dropout_a', 'attn_dropout_v', 'relu_dropout',
-                 'embed_dropout', 'res_dropout', 'output_dropout', 'text_dropout'):
+    for name in DROPOUT_FIELDS:
       if not 0.0 <= getattr(self, name) < 1.0:
         fail(name, f'dropout rate must be in [0, 1), got {getattr(self, name)}')
 
@@ -173,10 +174,15 @@ class DMDConfig:
 
   def without_dropout(self) -> 'DMDConfig':
     """The same network with every dropout rate at zero (the parity fixtures' setting)."""
-    zero = {n: 0.0 for n in ('attn_dropout', 'attn_dropout_a', 'attn_dropout_v', 'relu_dropout',
-                             'embed_dropout', 'res_dropout', 'output_dropout', 'text_dropout')}
+    zero = {n: 0.0 for n in DROPOUT_FIELDS}
     bert = dataclasses.replace(self.bert, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
     return dataclasses.replace(self, bert=bert, **zero)
+
+  @property
+  def has_dropout(self) -> bool:
+    rates = [getattr(self, n) for n in DROPOUT_FIELDS]
+    return any(r > 0 for r in rates + [self.bert.hidden_dropout_prob,
+                                       self.bert.attention_probs_dropout_prob])
 
   def replace(self, **kw) -> 'DMDConfig':
     return dataclasses.replace(self, **kw)
@@ -216,9 +222,7 @@ def reference_config(dataset: str = 'mosi', aligned: bool = True,
   return DMDConfig(**kw)
 
 
-_RUN_MODEL_KEYS = ('d', 'num_heads', 'nlevels', 'kernel_sizes', 'attn_dropout', 'attn_dropout_a',
-                   'attn_dropout_v', 'relu_dropout', 'embed_dropout', 'res_dropout',
-                   'output_dropout', 'text_dropout', 'attn_mask')
+_RUN_MODEL_KEYS = ('d', 'num_heads', 'nlevels', 'kernel_sizes', 'attn_mask') + DROPOUT_FIELDS
 
 
 def from_run_config(run: Mapping[str, Any], bert: BertConfig) -> DMDConfig:
