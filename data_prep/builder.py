@@ -1,0 +1,206 @@
+"""TFDS builder for the MMSA pickles of CMU-MOSI / CMU-MOSEI, and `prepare`, which runs it safely.
+
+    from data_prep import prepare
+    prepare('MOSI/Processed/unaligned_50.pkl', 'mosi', aligned=False, data_dir='~/tfds')
+    # -> ~/tfds/mmsa/mosi_unaligned/1.0.0/{mmsa-train.array_record-00000-of-00001, ...}
+
+The dataset is read back with `tfds.builder_from_directory(path)` (no import of this module
+needed), e.g. by `dmd_jax.input_pipeline`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+from typing import Iterator
+
+import numpy as np
+import tensorflow_datasets as tfds
+from tensorflow_datasets.core import shuffle as tfds_shuffle
+
+from data_prep import mmsa_format
+from data_prep.mmsa_format import MmsaSource
+
+FILE_FORMATS = ('array_record', 'tfrecord')
+VERSION = '1.0.0'
+# Examples are keyed in file order and spread over TFDS's 128-bit key space, so with shuffling
+# disabled the splits keep the pickle's order and, once TFDS spills to disk, each of its 1000
+# sort buckets holds a thousandth of a split instead of all of it.
+_KEY_SPACE = 2 ** 128
+# TFDS keeps up to 1 GB of serialised examples in memory before spilling; with the whole pickle
+# already in memory that would be a second copy of much of it.
+_SPILL_BYTES = 64 << 20
+
+_CITATION = """\
+@inproceedings{li2023decoupled,
+  title={Decoupled Multimodal Distilling for Emotion Recognition},
+  author={Li, Yong and Wang, Yuanzhi and Cui, Zhen},
+  booktitle={CVPR}, year={2023}}"""
+
+
+class MmsaConfig(tfds.core.BuilderConfig):
+  """One dataset x alignment setting."""
+
+  def __init__(self, *, dataset: str, aligned: bool, **kwargs):
+    super().__init__(name=mmsa_format.setting_name(dataset, aligned), version=VERSION,
+                     description=f"{dataset.upper()} ({'word-aligned' if aligned else 'unaligned'}"
+                                 f", MMSA '{mmsa_format.FILE_NAMES[aligned]}')", **kwargs)
+    self.dataset = dataset
+    self.aligned = aligned
+
+
+class Mmsa(tfds.core.GeneratorBasedBuilder):
+  """CMU-MOSI / CMU-MOSEI features from an MMSA pickle (BERT ids, acoustic, visual, score)."""
+
+  VERSION = tfds.core.Version(VERSION)
+  BUILDER_CONFIGS = [MmsaConfig(dataset=d, aligned=a)
+                     for d in mmsa_format.DATASETS for a in (True, False)]
+  MANUAL_DOWNLOAD_INSTRUCTIONS = ('Give the MMSA pickle to data_prep.prepare(...) or '
+                                  'python -m data_prep.mmsa --pickle=PATH.')
+
+  def __init__(self, *, source: MmsaSource | None = None, **kwargs):
+    self._source = source
+    super().__init__(**kwargs)
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    cfg = self.builder_config
+    shapes = mmsa_format.expected_shapes(cfg.dataset, cfg.aligned)
+    bytes_enc = tfds.features.Encoding.BYTES
+    feats = {
+        'text_bert': tfds.features.Tensor(shape=shapes['text_bert'], dtype=np.int32,
+                                          doc='rows: word-piece ids, attention mask, segment ids'),
+        'audio': tfds.features.Tensor(shape=shapes['audio'], dtype=np.float32,
+                                      encoding=bytes_enc, doc='acoustic features (-inf -> 0)'),
+        'vision': tfds.features.Tensor(shape=shapes['vision'], dtype=np.float32,
+                                       encoding=bytes_enc, doc='visual features'),
+        'label': tfds.features.Scalar(dtype=np.float32, doc='sentiment score in [-3, 3]'),
+        'id': tfds.features.Text(doc='"videoID$_$clipID"'),
+        'raw_text': tfds.features.Text(doc='transcript'),
+    }
+    with_lengths = (self._source.has_lengths if self._source is not None else not cfg.aligned)
+    if with_lengths:
+      feats['audio_length'] = tfds.features.Scalar(dtype=np.int32, doc='valid audio frames')
+      feats['vision_length'] = tfds.features.Scalar(dtype=np.int32, doc='valid video frames')
+    return self.dataset_info_from_configs(
+        features=tfds.features.FeaturesDict(feats),
+        supervised_keys=None,
+        homepage='https://github.com/thuiar/MMSA',
+        citation=_CITATION,
+        disable_shuffling=True,
+        metadata=tfds.core.MetadataDict(),
+    )
+
+  def _split_generators(self, dl_manager):
+    del dl_manager  # the pickle is local; nothing to download
+    src = self._source
+    if src is None:
+      raise ValueError('Mmsa needs the loaded pickle: build it with data_prep.prepare(...) or '
+                       'python -m data_prep.mmsa --pickle=PATH')
+    md = self.info.metadata
+    md['source_file'] = os.path.basename(src.path)
+    md['source_sha256'] = src.sha256
+    md['sha256_matches_mmsa'] = src.hash_matches
+    md['nonfinite'] = src.nonfinite
+    md['nonfinite_counts'] = src.nonfinite_counts
+    md['num_examples'] = src.num_examples()
+    return {split: self._generate_examples(split) for split in mmsa_format.SPLITS}
+
+  def _generate_examples(self, split: str) -> Iterator[tuple[int, dict]]:
+    n = self._source.num_examples()[split]
+    step = _KEY_SPACE // n
+    for i in range(n):
+      yield i * step, self._source.example(split, i)
+    self._source.release(split)
+
+
+@contextlib.contextmanager
+def _small_spill_buffer(nbytes: int):
+  old = tfds_shuffle.MAX_MEM_BUFFER_SIZE
+  tfds_shuffle.MAX_MEM_BUFFER_SIZE = min(old, nbytes)
+  try:
+    yield
+  finally:
+    tfds_shuffle.MAX_MEM_BUFFER_SIZE = old
+
+
+def require_tensorflow() -> None:
+  try:
+    import tensorflow  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import
+  except ImportError as e:
+    raise ImportError(
+        "file_format='tfrecord' needs TensorFlow, which is not installed: "
+        "pip install tensorflow-cpu (or pip install 'dmd_jax[tfrecord]'); the default "
+        "file_format='array_record' needs no TensorFlow") from e
+
+
+def dataset_dir(data_dir: str | os.PathLike, dataset: str, aligned: bool) -> str:
+  """Where `prepare` writes a setting: DATA_DIR/mmsa/<dataset>_<alignment>/<version>."""
+  return os.path.join(os.path.expanduser(os.fspath(data_dir)), 'mmsa',
+                      mmsa_format.setting_name(dataset, aligned), VERSION)
+
+
+def prepare(pickle_path: str | os.PathLike, dataset: str, aligned: bool,
+            data_dir: str | os.PathLike, *, file_format: str = 'array_record',
+            num_shards: int | None = None, nonfinite: str = 'error', check_sha256: bool = True,
+            overwrite: bool = False) -> str:
+  """Convert one MMSA pickle into a sharded TFDS dataset; returns the dataset directory.
+
+  The pickle is validated completely before anything is written; if anything fails, the
+  data dir is left as it was. `num_shards` (per split) defaults to TFDS's size-based choice.
+  """
+  if file_format not in FILE_FORMATS:
+    raise ValueError(f'file_format must be one of {FILE_FORMATS}, got {file_format!r}')
+  if file_format == 'tfrecord':
+    require_tensorflow()
+  if num_shards is not None and num_shards < 1:
+    raise ValueError(f'num_shards must be >= 1, got {num_shards}')
+  dataset, aligned = mmsa_format.check_setting(dataset, aligned)
+  out = dataset_dir(data_dir, dataset, aligned)
+  if os.path.exists(out) and not overwrite:
+    raise FileExistsError(f'{out} already exists; pass overwrite=True (--overwrite) to rebuild')
+
+  source = mmsa_format.load_source(pickle_path, dataset, aligned, nonfinite=nonfinite,
+                                   check_sha256=check_sha256)
+  sizes = source.num_examples()
+  if num_shards is not None and num_shards > min(sizes.values()):
+    raise ValueError(f'num_shards={num_shards} exceeds the smallest split ({min(sizes.values())} '
+                     f'examples in {min(sizes, key=sizes.get)!r})')
+
+  # Everything created below `data_dir` is removed again if the build fails.
+  root = os.path.expanduser(os.fspath(data_dir))
+  chain = [root, os.path.join(root, 'mmsa'), os.path.dirname(out)]
+  created = [p for p in chain if not os.path.exists(p)]
+  staging = None
+  try:
+    if os.path.exists(out):  # overwrite: build beside it, swap at the end
+      staging = out + '.previous'
+      os.replace(out, staging)
+    builder = Mmsa(config=source.name, data_dir=root, file_format=file_format, source=source)
+    config = tfds.download.DownloadConfig(num_shards=num_shards, try_download_gcs=False)
+    with _small_spill_buffer(_SPILL_BYTES):
+      builder.download_and_prepare(download_dir=os.path.join(os.path.dirname(out), '.downloads'),
+                                   download_config=config)
+  except BaseException:
+    shutil.rmtree(out, ignore_errors=True)
+    if staging:
+      os.replace(staging, out)
+    _remove_leftovers(os.path.dirname(out))
+    for p in reversed(created):
+      shutil.rmtree(p, ignore_errors=True)
+    raise
+  if staging:
+    shutil.rmtree(staging)
+  _remove_leftovers(os.path.dirname(out))
+  mmsa_format.log.info('%s: %s examples (train/valid/test) written as %s to %s', source.path,
+                       '/'.join(str(sizes[s]) for s in mmsa_format.SPLITS), file_format, out)
+  return out
+
+
+def _remove_leftovers(config_dir: str) -> None:
+  """TFDS's download scratch dir and any `*.incomplete*` build dir under a config dir."""
+  if not os.path.isdir(config_dir):
+    return
+  for name in os.listdir(config_dir):
+    if name == '.downloads' or '.incomplete' in name:
+      shutil.rmtree(os.path.join(config_dir, name), ignore_errors=True)

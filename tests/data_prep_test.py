@@ -1,0 +1,388 @@
+"""data_prep: the synthetic MMSA generator, the TFDS builder and its bad-input handling."""
+
+import os
+import pathlib
+import pickle
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+import data_prep
+from data_prep import builder, mmsa_format, synthetic
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+tfds = pytest.importorskip('tensorflow_datasets')
+tfds.disable_progress_bar()
+
+SETTINGS = [('mosi', True), ('mosi', False), ('mosei', True), ('mosei', False)]
+SIZES = (13, 5, 4)
+
+
+def tree(path):
+  """Every file and folder below `path` (relative), to compare a data dir before and after."""
+  out = set()
+  for root, dirs, files in os.walk(path):
+    out.update(os.path.relpath(os.path.join(root, n), path) for n in dirs + files)
+  return out
+
+
+@pytest.fixture(scope='module')
+def pickles(tmp_path_factory):
+  """One small synthetic pickle per setting (MOSI aligned also with the 768-wide 'text' key)."""
+  d = tmp_path_factory.mktemp('pickles')
+  out = {}
+  for dataset, aligned in SETTINGS:
+    data = data_prep.generate(dataset, aligned, SIZES, seed=3,
+                              text_features=(dataset, aligned) == ('mosi', True))
+    out[(dataset, aligned)] = data_prep.write_pickle(
+        data, d / f'{mmsa_format.setting_name(dataset, aligned)}.pkl')
+  return out
+
+
+def load(path):
+  with open(path, 'rb') as f:
+    return pickle.load(f)
+
+
+# ---- the synthetic generator ------------------------------------------------------------------
+
+@pytest.mark.parametrize('dataset,aligned', SETTINGS)
+def test_synthetic_matches_the_mmsa_layout(pickles, dataset, aligned):
+  data = load(pickles[(dataset, aligned)])
+  assert set(data) == {'train', 'valid', 'test'}
+  shapes = mmsa_format.expected_shapes(dataset, aligned)
+  for split, n in zip(mmsa_format.SPLITS, SIZES):
+    d = data[split]
+    keys = {'id', 'raw_text', 'audio', 'vision', 'text_bert', 'regression_labels',
+            'classification_labels', 'annotations'}
+    keys |= {'text'} if (dataset, aligned) == ('mosi', True) else set()
+    keys |= set() if aligned else {'audio_lengths', 'vision_lengths'}
+    assert set(d) == keys
+    for key, per_sample in shapes.items():
+      assert d[key].shape == (n,) + per_sample and d[key].dtype == np.float32
+    assert d['regression_labels'].shape == (n,)
+    y = d['regression_labels']
+    assert np.all(np.abs(y) <= 3)
+    grid = 3 if dataset == 'mosei' else 5            # MOSEI: k/3, MOSI: k/5
+    np.testing.assert_allclose(y * grid, np.round(y * grid), atol=1e-5)
+    ids, mask, seg = d['text_bert'][:, 0], d['text_bert'][:, 1], d['text_bert'][:, 2]
+    assert np.all(ids[:, 0] == 101) and np.all(seg == 0)        # [CLS], one segment
+    n_tok = mask.sum(1).astype(int)
+    assert np.all(ids[np.arange(n), n_tok - 1] == 102)           # [SEP] closes the text
+    assert np.all(ids * (1 - mask) == 0)                         # right-padded with zeros
+    if aligned:
+      lengths = {'audio': n_tok, 'vision': n_tok}
+    else:
+      lengths = {'audio': d['audio_lengths'], 'vision': d['vision_lengths']}
+    for key in ('audio', 'vision'):
+      t = np.arange(d[key].shape[1])[None, :, None]
+      tail = np.where(t >= lengths[key][:, None, None], d[key], 0)
+      assert not tail.any(), f'{key}: non-zero values after the length'
+    assert np.isneginf(d['audio']).any() == (dataset == 'mosei')
+
+
+def test_synthetic_text_is_the_tokenized_transcript(pickles):
+  from transformers import BertTokenizerFast
+  tok = BertTokenizerFast.from_pretrained(os.path.dirname(synthetic.default_vocab()))
+  d = load(pickles[('mosi', True)])['train']
+  for ids, text in zip(d['text_bert'][:, 0].astype(int), d['raw_text']):
+    assert tok.decode(ids, skip_special_tokens=True) == text.lower()
+
+
+def test_synthetic_is_deterministic_for_a_seed():
+  a = data_prep.generate('mosei', False, (3, 2, 2), seed=7, text_features=False)
+  b = data_prep.generate('mosei', False, (3, 2, 2), seed=7, text_features=False)
+  c = data_prep.generate('mosei', False, (3, 2, 2), seed=8, text_features=False)
+  for split in a:
+    for key in a[split]:
+      np.testing.assert_array_equal(a[split][key], b[split][key])
+  assert not np.array_equal(a['train']['audio'], c['train']['audio'])
+
+
+def _r2(x, y):
+  x = np.concatenate([x, np.ones((len(x), 1))], 1)
+  coef, *_ = np.linalg.lstsq(x, y, rcond=None)
+  return 1 - np.var(y - x @ coef) / np.var(y)
+
+
+def _modality_r2(d):
+  """How much of the score a linear read-out of each modality alone explains."""
+  y = d['regression_labels'].astype(np.float64)
+  words = {w: lv for lv, ws in synthetic._WORDS.items() for w in ws}  # pylint: disable=protected-access
+  polarity = np.array([[sum(words.get(w.strip('.'), 0) for w in t.lower().split())]
+                       for t in d['raw_text']], np.float64)
+  mean = lambda x: x.sum(1) / np.maximum((x != 0).any(-1).sum(1), 1)[:, None]
+  return {'text': _r2(polarity, y), 'vision': _r2(mean(d['vision']), y),
+          'audio': _r2(mean(np.where(np.isinf(d['audio']), 0, d['audio'])), y)}
+
+
+def test_synthetic_labels_follow_the_modality_weights():
+  d = data_prep.generate('mosi', True, (600, 1, 1), seed=0, text_features=False)['train']
+  r2 = _modality_r2(d)
+  assert r2['text'] > r2['vision'] > r2['audio'] > 0.02, r2   # default 1.0 / 0.6 / 0.3
+  d = data_prep.generate('mosi', True, (600, 1, 1), seed=0, weights=(0, 0, 1),
+                         text_features=False)['train']
+  r2 = _modality_r2(d)
+  assert r2['audio'] > 0.5 and r2['text'] < 0.05 and r2['vision'] < 0.05, r2
+
+
+def test_synthetic_rejects_bad_arguments(tmp_path):
+  with pytest.raises(ValueError, match='sizes'):
+    data_prep.generate('mosi', True, (3, 0, 1))
+  with pytest.raises(ValueError, match='weights'):
+    data_prep.generate('mosi', True, (3, 1, 1), weights=(0, 0, 0))
+  with pytest.raises(FileNotFoundError, match='vocabulary file not found'):
+    data_prep.generate('mosi', True, (3, 1, 1), vocab=str(tmp_path / 'nope.txt'))
+
+
+# ---- the builder ------------------------------------------------------------------------------
+
+def _audio_as_stored(d, i):
+  audio = d['audio'][i].copy()
+  audio[np.isneginf(audio)] = 0
+  return audio
+
+
+@pytest.mark.parametrize('dataset,aligned', SETTINGS)
+def test_builder_round_trips_every_field(pickles, tmp_path, dataset, aligned):
+  out = data_prep.prepare(pickles[(dataset, aligned)], dataset, aligned, tmp_path,
+                          check_sha256=False, num_shards=2)
+  assert out == builder.dataset_dir(tmp_path, dataset, aligned)
+  data = load(pickles[(dataset, aligned)])
+  sources = tfds.builder_from_directory(out).as_data_source()
+  assert {s: len(v) for s, v in sources.items()} == dict(zip(mmsa_format.SPLITS, SIZES))
+  for split in mmsa_format.SPLITS:
+    d, src = data[split], sources[split]
+    assert len([f for f in os.listdir(out) if f'-{split}.array_record-' in f]) == 2
+    for i in range(len(src)):   # stored in the pickle's order
+      ex = src[i]
+      np.testing.assert_array_equal(ex['text_bert'], d['text_bert'][i].astype(np.int32))
+      assert ex['text_bert'].dtype == np.int32
+      np.testing.assert_array_equal(ex['audio'], _audio_as_stored(d, i))
+      np.testing.assert_array_equal(ex['vision'], d['vision'][i])
+      assert ex['label'] == d['regression_labels'][i]
+      assert ex['id'].decode() == d['id'][i] and ex['raw_text'].decode() == d['raw_text'][i]
+      if aligned:
+        assert 'audio_length' not in ex
+      else:
+        assert ex['audio_length'] == d['audio_lengths'][i]
+        assert ex['vision_length'] == d['vision_lengths'][i]
+  md = tfds.builder_from_directory(out).info.metadata
+  neg = int(sum(np.isneginf(data[s]['audio']).sum() for s in mmsa_format.SPLITS))
+  assert sum(md['nonfinite_counts'][s]['audio']['neg_inf'] for s in mmsa_format.SPLITS) == neg
+  assert (neg > 0) == (dataset == 'mosei')
+
+
+def test_cli_converts_and_refuses_to_overwrite(pickles, tmp_path):
+  cmd = [sys.executable, '-m', 'data_prep.mmsa', '--dataset=mosi', '--aligned=false',
+         f"--pickle={pickles[('mosi', False)]}", f'--data_dir={tmp_path}', '--nocheck_sha256',
+         '--num_shards=1']
+  run = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, check=False)
+  assert run.returncode == 0, run.stderr[-2000:]
+  out = builder.dataset_dir(tmp_path, 'mosi', False)
+  assert run.stdout.strip().endswith(out)
+  before = tree(tmp_path)
+  again = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, check=False)
+  assert again.returncode != 0 and 'already exists' in again.stderr and '--overwrite' in again.stderr
+  assert tree(tmp_path) == before
+  again = subprocess.run(cmd + ['--overwrite'], cwd=REPO, capture_output=True, text=True,
+                         check=False)
+  assert again.returncode == 0, again.stderr[-2000:]
+  assert tree(tmp_path) == before
+
+
+# ---- bad input: a named error and an untouched data dir ---------------------------------------
+
+def _mutated(tmp_path, pickles, edit, name='bad.pkl'):
+  data = load(pickles[('mosi', False)])
+  edit(data)
+  path = tmp_path / name
+  with open(path, 'wb') as f:
+    pickle.dump(data, f, protocol=4)
+  return path
+
+
+def _setitem(split, key, value):
+  def edit(data):
+    data[split][key] = value(data[split][key]) if callable(value) else value
+  return edit
+
+
+BAD_CASES = {
+    'missing key': (lambda d: d['valid'].pop('vision'), r"split 'valid' lacks key\(s\) \['vision'\]"),
+    'missing split': (lambda d: d.pop('test'), r"missing split\(s\) \['test'\]"),
+    'wrong shape': (_setitem('train', 'audio', lambda a: a[:, :, :4]),
+                    r"split 'train', key 'audio': wrong shape for mosi_unaligned: expected "
+                    r'\(13, 375, 5\), found \(13, 375, 4\)'),
+    'wrong dtype': (_setitem('test', 'vision', lambda a: a.astype(str)),
+                    r"split 'test', key 'vision': wrong dtype: expected a float or integer array"),
+    'row counts disagree': (_setitem('valid', 'audio', lambda a: a[:-1]),
+                            r"split 'valid', key 'audio': row count disagrees with "
+                            r"'regression_labels': expected 5, found 4"),
+    'non-integer token id': (_setitem('train', 'text_bert', lambda a: a + 0.5),
+                             r"split 'train', key 'text_bert': sample 0, row 0"),
+    'bad length': (_setitem('train', 'vision_lengths', lambda a: a + 1000),
+                   r"split 'train', key 'vision_lengths': sample 0 is not an integer length"),
+    'NaN in vision': (_setitem('test', 'vision', lambda a: np.where(
+        np.arange(a.shape[1])[None, :, None] == 3, np.nan, a)),
+                      r"split 'test', key 'vision': non-finite values .*--nonfinite=zero.*"
+                      r'found 80 NaN'),  # 4 samples x 20 dims
+    'NaN label': (_setitem('valid', 'regression_labels', lambda a: a * np.nan),
+                  r"split 'valid', key 'regression_labels': sample 0 is not finite"),
+}
+
+
+@pytest.mark.parametrize('case', sorted(BAD_CASES))
+def test_bad_pickle_is_a_named_error_and_writes_nothing(pickles, tmp_path, case):
+  edit, message = BAD_CASES[case]
+  path = _mutated(tmp_path, pickles, edit)
+  data_dir = tmp_path / 'tfds'
+  with pytest.raises(mmsa_format.MmsaFormatError, match=message) as err:
+    data_prep.prepare(path, 'mosi', False, data_dir, check_sha256=False)
+  assert str(path) in str(err.value)
+  assert not data_dir.exists()
+
+
+@pytest.mark.parametrize('cut', ['truncated', 'garbage'])
+def test_unreadable_pickle_names_the_file(pickles, tmp_path, cut):
+  raw = pathlib.Path(pickles[('mosi', False)]).read_bytes()
+  path = tmp_path / 'broken.pkl'
+  path.write_bytes(raw[:len(raw) // 2] if cut == 'truncated' else os.urandom(4096))
+  (tmp_path / 'tfds').mkdir()
+  with pytest.raises(mmsa_format.MmsaFormatError, match=f'{path}: not a readable pickle'):
+    data_prep.prepare(path, 'mosi', False, tmp_path / 'tfds', check_sha256=False)
+  assert tree(tmp_path / 'tfds') == set()
+  with pytest.raises(FileNotFoundError, match='MMSA pickle not found'):
+    data_prep.prepare(tmp_path / 'nope.pkl', 'mosi', False, tmp_path / 'tfds', check_sha256=False)
+
+
+def test_failure_while_writing_leaves_the_data_dir_as_it_was(pickles, tmp_path, monkeypatch):
+  data_dir = tmp_path / 'tfds'
+  data_prep.prepare(pickles[('mosi', True)], 'mosi', True, data_dir, check_sha256=False)
+  before = tree(data_dir)
+
+  def boom(self, split, i):
+    if split == 'valid' and i == 2:
+      raise RuntimeError('disk full')
+    return real(self, split, i)
+
+  real = mmsa_format.MmsaSource.example
+  monkeypatch.setattr(mmsa_format.MmsaSource, 'example', boom)
+  with pytest.raises(RuntimeError, match='disk full'):
+    data_prep.prepare(pickles[('mosi', False)], 'mosi', False, data_dir, check_sha256=False)
+  assert tree(data_dir) == before
+  with pytest.raises(RuntimeError, match='disk full'):   # an overwrite that fails keeps the old
+    data_prep.prepare(pickles[('mosi', True)], 'mosi', True, data_dir, check_sha256=False,
+                      overwrite=True)
+  assert tree(data_dir) == before
+  assert len(tfds.builder_from_directory(
+      builder.dataset_dir(data_dir, 'mosi', True)).as_data_source()['train']) == SIZES[0]
+
+
+def test_nonfinite_zero_zeroes_and_counts(pickles, tmp_path):
+  def edit(d):
+    d['test']['vision'][1, :2, :3] = np.nan
+    d['test']['vision'][2, 0, 0] = -np.inf
+    d['train']['audio'][0, 0, :2] = np.inf
+    d['train']['audio'][1, 0, 0] = -np.inf
+  path = _mutated(tmp_path, pickles, edit)
+  out = data_prep.prepare(path, 'mosi', False, tmp_path / 'tfds', check_sha256=False,
+                          nonfinite='zero')
+  b = tfds.builder_from_directory(out)
+  counts = b.info.metadata['nonfinite_counts']
+  assert counts['test']['vision'] == {'neg_inf': 1, 'pos_inf': 0, 'nan': 6}
+  assert counts['train']['audio'] == {'neg_inf': 1, 'pos_inf': 2, 'nan': 0}
+  src = b.as_data_source()
+  assert not src['test'][1]['vision'][:2, :3].any() and src['test'][2]['vision'][0, 0] == 0
+  assert not src['train'][0]['audio'][0, :2].any() and src['train'][1]['audio'][0, 0] == 0
+  with pytest.raises(mmsa_format.MmsaFormatError, match="key 'audio'.*2 \\+inf"):
+    data_prep.prepare(path, 'mosi', False, tmp_path / 'other', check_sha256=False)
+
+
+def test_sha256_match_is_logged_and_mismatch_warns(pickles, tmp_path, monkeypatch, caplog):
+  path = pickles[('mosei', True)]
+  with pytest.warns(data_prep.HashMismatchWarning, match=f'{path}: SHA-256 .* differs from the '
+                    'MMSA release of mosei_aligned'):
+    out = data_prep.prepare(path, 'mosei', True, tmp_path / 'a')
+  assert tfds.builder_from_directory(out).info.metadata['sha256_matches_mmsa'] is False
+  digest = mmsa_format.sha256_of(path)
+  monkeypatch.setitem(mmsa_format.MMSA_SHA256, ('mosei', True), digest)
+  with caplog.at_level('INFO', logger='data_prep'):
+    out = data_prep.prepare(path, 'mosei', True, tmp_path / 'b')
+  assert 'SHA-256 matches the MMSA release of mosei_aligned' in caplog.text
+  md = tfds.builder_from_directory(out).info.metadata
+  assert md['sha256_matches_mmsa'] is True and md['source_sha256'] == digest
+
+
+def test_bad_arguments(pickles, tmp_path):
+  p = pickles[('mosi', True)]
+  with pytest.raises(ValueError, match='file_format must be one of'):
+    data_prep.prepare(p, 'mosi', True, tmp_path, file_format='parquet')
+  with pytest.raises(ValueError, match="dataset must be one of \\('mosi', 'mosei'\\)"):
+    data_prep.prepare(p, 'iemocap', True, tmp_path)
+  with pytest.raises(ValueError, match='num_shards=5 exceeds the smallest split'):
+    data_prep.prepare(p, 'mosi', True, tmp_path / 'x', num_shards=5, check_sha256=False)
+  with pytest.raises(mmsa_format.MmsaFormatError, match='wrong shape for mosei_aligned'):
+    data_prep.prepare(p, 'mosei', True, tmp_path / 'y', check_sha256=False)
+  assert not (tmp_path / 'x').exists() and not (tmp_path / 'y').exists()
+
+
+# ---- file formats -----------------------------------------------------------------------------
+
+def test_without_tensorflow_array_record_works_and_tfrecord_says_what_to_install(pickles,
+                                                                                 tmp_path):
+  script = textwrap.dedent(f"""
+      import importlib.abc, sys
+
+      class Hide(importlib.abc.MetaPathFinder):   # as if TensorFlow were not installed
+        def __init__(self, inner):
+          self.inner = inner
+        def find_spec(self, name, path=None, target=None):
+          if name.split('.')[0] == 'tensorflow':
+            return None
+          return self.inner.find_spec(name, path, target)
+        def invalidate_caches(self):
+          getattr(self.inner, 'invalidate_caches', lambda: None)()
+
+      sys.meta_path[:] = [Hide(f) for f in sys.meta_path]
+      import data_prep
+      out = data_prep.prepare({str(pickles[('mosi', True)])!r}, 'mosi', True, {str(tmp_path)!r},
+                              check_sha256=False)
+      import tensorflow_datasets as tfds
+      assert len(tfds.builder_from_directory(out).as_data_source()['valid']) == {SIZES[1]}
+      try:
+        data_prep.prepare({str(pickles[('mosi', False)])!r}, 'mosi', False, {str(tmp_path)!r},
+                          file_format='tfrecord', check_sha256=False)
+      except ImportError as e:
+        print('ERROR:', e)
+  """)
+  run = subprocess.run([sys.executable, '-c', script], cwd=REPO, capture_output=True, text=True,
+                       check=False)
+  assert run.returncode == 0, run.stderr[-3000:]
+  assert "ERROR: file_format='tfrecord' needs TensorFlow" in run.stdout
+  assert 'pip install tensorflow-cpu' in run.stdout
+  assert sorted(os.listdir(tmp_path / 'mmsa')) == ['.config', 'mosi_aligned']
+
+
+def test_tfrecord_round_trip(pickles, tmp_path):
+  tf = pytest.importorskip('tensorflow', reason='the tfrecord extra (tensorflow-cpu) is not '
+                           'installed')
+  del tf
+  out = data_prep.prepare(pickles[('mosei', False)], 'mosei', False, tmp_path,
+                          file_format='tfrecord', num_shards=2, check_sha256=False)
+  assert len([f for f in os.listdir(out) if '-train.tfrecord-' in f]) == 2
+  data = load(pickles[('mosei', False)])
+  b = tfds.builder_from_directory(out)
+  for split in mmsa_format.SPLITS:
+    rows = list(tfds.as_numpy(b.as_dataset(split=split, shuffle_files=False)))
+    d = data[split]
+    assert len(rows) == len(d['regression_labels'])
+    for i, ex in enumerate(rows):
+      np.testing.assert_array_equal(ex['audio'], _audio_as_stored(d, i))
+      np.testing.assert_array_equal(ex['vision'], d['vision'][i])
+      np.testing.assert_array_equal(ex['text_bert'], d['text_bert'][i])
+      assert ex['label'] == d['regression_labels'][i] and ex['id'].decode() == d['id'][i]
+      assert ex['vision_length'] == d['vision_lengths'][i]
