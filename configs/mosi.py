@@ -1,11 +1,10 @@
 r"""CMU-MOSI with the released DMD hyper-parameters (spec §1.4).
 
-    python -m dmd_jax.main --config=configs/mosi.py                 # word-aligned (reference default)
-    python -m dmd_jax.main --config=configs/mosi.py:unaligned
-    python -m dmd_jax.main --config=configs/mosi.py --config.model.d=32 --config.text_encoder=/path/bert
+    python -m dmd_jax.main --config=configs/mosi.py --workdir=runs/mosi     # word-aligned (default)
+    python -m dmd_jax.main --config=configs/mosi.py:unaligned --workdir=runs/mosi_u
+    python -m dmd_jax.main --config=configs/mosi.py --workdir=W --config.text_encoder=/path/bert
 
-Until the training entry point lands, `main` runs a smoke test (forward, losses, accumulated Adam
-steps) on random inputs of this configuration's shapes.
+Data: the prepared dataset DATA_DIR/mmsa/mosi_<alignment>/1.0.0 (python -m data_prep.mmsa).
 """
 
 import ml_collections
@@ -47,6 +46,20 @@ def get_config(alignment: str = 'aligned') -> ml_collections.ConfigDict:
   c.patience = 5                 # ReduceLROnPlateau patience (epochs)
   c.early_stop = 10              # stop this many epochs after the best validation loss
   c.seeds = (1111, 1112, 1113, 1114, 1115)
+  c.max_epochs = 200             # the reference has no cap; early stopping ends its runs
 
-  c.smoke_steps = 4              # micro-batches run by the smoke test
+  c.data_dir = '~/tensorflow_datasets'   # holds mmsa/<dataset>_<alignment>/1.0.0 (data_prep.mmsa)
+  c.synthetic = None             # a ConfigDict(sizes, seed, weights) builds synthetic data if absent
+  c.mode = 'train'               # 'train', 'eval' or 'smoke'
+  c.eval_split = 'test'          # split written by mode=eval
+  c.checkpoint = ''              # params dir for mode=eval (default: workdir/seed_<first>/best)
+  c.log_every = 20               # train steps between device->host metric fetches
+  c.keep_checkpoints = 2         # latest full-state checkpoints kept per seed (plus the best)
+  c.progress = True              # progress bar with ETA
+  c.distributed = False          # jax.distributed.initialize() (multi-host)
+  c.coordinator_address = ''     # host:port; empty = detect (Cloud TPU, SLURM)
+  c.num_processes = 1
+  c.process_id = 0
+
+  c.smoke_steps = 4              # micro-batches run by mode=smoke
   return c

@@ -1,37 +1,41 @@
-r"""Entry point: `python -m dmd_jax.main --config=configs/mosi.py [--config.x=y ...]`.
+r"""Entry point: train, evaluate or smoke-test DMD from a run config.
 
-Until the training loop lands (issue: train and evaluate), this runs a smoke test of the whole
-training step on random inputs of the configuration's shapes: model build (with the configured
-text encoder), the objective, and `smoke_steps` accumulated Adam micro-steps, reporting the loss
-terms, compile time and step time.
+    python -m dmd_jax.main --config=configs/demo.py --workdir=/tmp/dmd_demo
+    python -m dmd_jax.main --config=configs/mosi.py --workdir=runs/mosi \
+        --config.text_encoder=/models/bert-base-uncased --config.data_dir=~/tensorflow_datasets
+    python -m dmd_jax.main --config=configs/mosi.py --workdir=runs/mosi --config.mode=eval
+    python -m dmd_jax.main --config=configs/smoke.py --config.mode=smoke
+
+`train` runs every seed in `config.seeds` (resuming whatever an interrupted run left in the
+workdir) and writes results.{csv,json,md}; `eval` writes metrics and predictions of
+`config.eval_split` from `config.checkpoint` (default: the first seed's best params); `smoke` times
+a few train steps on random inputs. Multi-host (TPU pod slices, GPU clusters): set
+`--config.distributed=true` and start the same command on every host; `jax.distributed` picks up
+the coordinator from the environment (TPU VMs, SLURM) or from `config.coordinator_address`,
+`config.num_processes` and `config.process_id`.
 """
 
 from __future__ import annotations
 
 import time
 
-from absl import app, logging
+from absl import app, flags, logging
 import jax
 import numpy as np
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Run configuration file (configs/*.py).',
                                           lock_config=True)
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints, logs and results.')
 
 
 def smoke(run) -> dict[str, float]:
+  """A few accumulated train steps on random inputs of the configuration's shapes."""
   import dmd_jax
-  from dmd_jax.config import from_run_config
-  from dmd_jax.text_encoder import text_encoder, with_text_encoder
+  from dmd_jax.experiment import model
 
-  bert_cfg, bert_params = text_encoder(run)
-  cfg = from_run_config(run, bert_cfg)
-  params = with_text_encoder(dmd_jax.init_params(cfg, jax.random.key(0)), bert_params)
-  n_params = sum(x.size for x in jax.tree.leaves(params))
-  n_bert = sum(x.size for x in jax.tree.leaves(params['text_model']))
-  print(f'{cfg.dataset} {"aligned" if cfg.aligned else "unaligned"}: d={cfg.d}, heads='
-        f'{cfg.num_heads}, lengths t/a/v={cfg.seq_lens}; {n_params - n_bert:,} DMD+GD parameters '
-        f'+ {n_bert:,} text encoder ({run.text_encoder}); devices: {jax.devices()}')
+  cfg, init = model(run)
+  params = init(0)
   tx = dmd_jax.reference_optimizer(run.learning_rate, run.update_epochs, run.grad_clip)
   state = dmd_jax.create_train_state(params, tx)
   step = dmd_jax.make_train_step(cfg)
@@ -55,13 +59,44 @@ def smoke(run) -> dict[str, float]:
   return losses
 
 
+def start_distributed(run) -> None:
+  if not run.distributed:
+    return
+  kw = {}
+  if run.coordinator_address:
+    kw = dict(coordinator_address=run.coordinator_address, num_processes=run.num_processes,
+              process_id=run.process_id)
+  jax.distributed.initialize(**kw)
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  if _CONFIG.value is None:
-    raise app.UsageError('--config is required, e.g. --config=configs/mosi.py')
-  logging.info('config:\n%s', _CONFIG.value)
-  smoke(_CONFIG.value)
+  run = _CONFIG.value
+  if run is None:
+    raise app.UsageError('--config is required, e.g. --config=configs/demo.py')
+  if run.mode == 'smoke':
+    smoke(run)
+    return
+  if not _WORKDIR.value:
+    raise app.UsageError('--workdir is required for training and evaluation')
+  from dmd_jax import experiment  # pylint: disable=import-outside-toplevel
+  experiment.validate_run(run)
+  start_distributed(run)
+  if jax.process_index() != 0 or not flags.FLAGS['verbosity'].present:
+    logging.set_verbosity(logging.WARNING)     # orbax/TFDS chatter; --verbosity=0 shows it
+  logging.info('config:\n%s', run)
+  show = print if jax.process_index() == 0 else (lambda *_: None)
+  if run.mode == 'eval':
+    experiment.run_eval(run, _WORKDIR.value, log=show)
+    return
+  table = experiment.run_training(run, _WORKDIR.value, progress=run.progress and
+                                  jax.process_index() == 0, log=show)
+  m = table['mean_std']
+  show(f"test over {len(table['seeds'])} seed(s): " + ', '.join(
+      f"{k} {m[k]['mean']:.4f}±{m[k]['std']:.4f}" for k in ('Non0_acc_2', 'Non0_F1_score',
+                                                           'Mult_acc_7', 'MAE', 'Corr')))
+  show(f'results: {_WORKDIR.value}/results.md')
 
 
 if __name__ == '__main__':

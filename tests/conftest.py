@@ -4,6 +4,10 @@ import os
 
 os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=8')
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+# One persistent compilation cache for the session and the subprocesses it starts (training
+# runs compile the same steps several times).
+import tempfile  # noqa: E402
+os.environ.setdefault('JAX_COMPILATION_CACHE_DIR', tempfile.mkdtemp(prefix='dmd-jax-cache-'))
 
 import json  # noqa: E402
 import pathlib  # noqa: E402

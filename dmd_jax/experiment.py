@@ -1,0 +1,238 @@
+"""A whole experiment from a run config: data, text encoder, every seed, the results table.
+
+Used by `python -m dmd_jax.main`; everything here is plain functions of the run config
+(`configs/*.py`) and a workdir.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import subprocess
+from typing import Any, Mapping
+
+import jax
+import numpy as np
+
+from dmd_jax import api
+from dmd_jax.config import DMDConfig, from_run_config
+from dmd_jax.input_pipeline import Loader, dataset_path, open_split
+from dmd_jax.metric_writer import MetricWriter
+from dmd_jax.metrics import METRIC_NAMES
+from dmd_jax.text_encoder import text_encoder, with_text_encoder
+from dmd_jax import train as trainer
+
+MODES = ('train', 'eval')
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def validate_run(run: Mapping[str, Any]) -> None:
+  """Impossible values in a run config, named."""
+  def need(ok, key, what):
+    if not ok:
+      raise ValueError(f'config.{key}={run[key]!r}: {what}')
+  need(run['dataset'] in ('mosi', 'mosei'), 'dataset', "must be 'mosi' or 'mosei'")
+  need(run['batch_size'] >= 1, 'batch_size', 'must be >= 1')
+  need(run['learning_rate'] > 0, 'learning_rate', 'must be > 0')
+  need(run['update_epochs'] >= 1, 'update_epochs', 'must be >= 1')
+  need(run['max_epochs'] >= 1, 'max_epochs', 'must be >= 1')
+  need(run['early_stop'] >= 1, 'early_stop', 'must be >= 1')
+  need(run['patience'] >= 0, 'patience', 'must be >= 0')
+  need(run['log_every'] >= 1, 'log_every', 'must be >= 1')
+  need(run['keep_checkpoints'] >= 1, 'keep_checkpoints', 'must be >= 1')
+  need(len(run['seeds']) >= 1 and len(set(run['seeds'])) == len(run['seeds']), 'seeds',
+       'must be a non-empty list of distinct integers')
+  need(run['mode'] in MODES, 'mode', f'must be one of {MODES}')
+  need(run['eval_split'] in ('train', 'valid', 'test'), 'eval_split',
+       "must be 'train', 'valid' or 'test'")
+
+
+def data_path(run) -> str:
+  """The prepared dataset of the run; built first for a synthetic config, else a named error
+  with the command that prepares it."""
+  path = dataset_path(run.data_dir, run.dataset, run.aligned)
+  if os.path.isfile(os.path.join(path, 'dataset_info.json')):
+    return path
+  syn = run.get('synthetic')
+  if syn:
+    import data_prep  # pylint: disable=import-outside-toplevel
+    pkl = os.path.join(os.path.expanduser(run.data_dir), 'synthetic',
+                       f"{data_prep.setting_name(run.dataset, run.aligned)}.pkl")
+    if not os.path.exists(pkl) and jax.process_index() == 0:
+      data_prep.write_pickle(data_prep.generate(
+          run.dataset, run.aligned, tuple(syn.sizes), seed=syn.seed,
+          weights=tuple(syn.weights), text_features=False), pkl)
+    if jax.process_index() == 0:
+      data_prep.prepare(pkl, run.dataset, run.aligned, run.data_dir, check_sha256=False)
+    return path
+  pkl = f"{'aligned' if run.aligned else 'unaligned'}_50.pkl"
+  raise FileNotFoundError(
+      f'no prepared {run.dataset} dataset at {path}. Prepare it once with\n'
+      f'  python -m data_prep.mmsa --dataset={run.dataset} --aligned={str(run.aligned).lower()} '
+      f'--pickle=/path/to/{run.dataset.upper()}/Processed/{pkl} --data_dir={run.data_dir}\n'
+      'or point --config.data_dir at the data dir that holds it')
+
+
+def model(run) -> tuple[DMDConfig, Any]:
+  """The model config and a `seed -> initial params` function (pretrained encoder loaded once)."""
+  bert_cfg, bert_params = text_encoder(run)
+  cfg = from_run_config(run, bert_cfg)
+  return cfg, lambda seed: with_text_encoder(api.init_params(cfg, jax.random.key(seed)),
+                                             bert_params)
+
+
+def loaders(run, path: str, seed: int) -> trainer.Data:
+  sources = {s: open_split(path, s) for s in ('train', 'valid', 'test')}
+
+  def ids(split, index):
+    src = sources[split]
+    return [src[int(i)]['id'].decode() for i in index]
+
+  return trainer.Data(
+      train=Loader(sources['train'], run.batch_size, train=True, seed=seed),
+      valid=Loader(sources['valid'], run.batch_size, train=False),
+      test=Loader(sources['test'], run.batch_size, train=False), ids=ids)
+
+
+def git_commit() -> str:
+  try:
+    out = subprocess.run(['git', 'describe', '--always', '--dirty', '--abbrev=12'], cwd=REPO,
+                         check=True, capture_output=True, text=True, timeout=10)
+    return out.stdout.strip()
+  except (OSError, subprocess.SubprocessError):
+    return 'unknown'
+
+
+def run_training(run, workdir: str, *, progress: bool = True, log=print) -> dict[str, Any]:
+  """Every seed of `run` (resuming any finished or interrupted ones in `workdir`), then the
+  results table as results.{csv,json,md}."""
+  validate_run(run)
+  path = data_path(run)
+  cfg, init = model(run)
+  mesh = trainer.make_mesh()
+  log(f'{run.dataset} {"aligned" if run.aligned else "unaligned"} from {path}; '
+      f'{jax.device_count()} device(s) in {jax.process_count()} process(es); '
+      f'global batch {run.batch_size}; seeds {list(run.seeds)}')
+  rows = []
+  for seed in run.seeds:
+    seed_dir = os.path.join(workdir, f'seed_{seed}')
+    writer = MetricWriter(seed_dir)
+    try:
+      result = trainer.train_seed(run, cfg, init, loaders(run, path, seed), seed, seed_dir,
+                                  writer=writer, mesh=mesh, progress=progress, log=log)
+    finally:
+      writer.close()
+    rows.append(result)
+  table = results_table(rows, run.dataset, run.aligned, git_commit())
+  table['baseline'] = constant_baseline(path)
+  log(f"constant prediction (train mean {table['baseline']['train_mean']:.4f}): test MAE "
+      f"{table['baseline']['test_MAE']:.4f}")
+  if jax.process_index() == 0:
+    write_table(table, workdir)
+  return table
+
+
+def _labels(source) -> np.ndarray:
+  out = []
+  for s in range(0, len(source), 256):
+    out += [r['label'] for r in source.__getitems__(list(range(s, min(len(source), s + 256))))]
+  return np.asarray(out, np.float32)
+
+
+def constant_baseline(path: str) -> dict[str, float]:
+  """Test MAE of always predicting the training mean: what a model must beat."""
+  mean = float(np.mean(_labels(open_split(path, 'train'))))
+  test = _labels(open_split(path, 'test'))
+  return {'train_mean': mean, 'test_MAE': float(np.mean(np.abs(test - mean)))}
+
+
+def results_table(rows, dataset: str, aligned: bool, commit: str) -> dict[str, Any]:
+  names = list(METRIC_NAMES) + ['Loss']
+  per_seed = [{'dataset': dataset, 'aligned': aligned, 'commit': commit, 'seed': r['seed'],
+               'best_epoch': r['best_epoch'], **{m: r['test'][m] for m in names}} for r in rows]
+  values = {m: np.array([r['test'][m] for r in rows], np.float64) for m in names}
+  summary = {m: {'mean': float(np.mean(v)), 'std': float(np.std(v))} for m, v in values.items()}
+  return {'dataset': dataset, 'aligned': aligned, 'commit': commit, 'split': 'test',
+          'metrics': names, 'seeds': per_seed, 'mean_std': summary}
+
+
+def write_table(table: Mapping[str, Any], workdir: str) -> None:
+  names = table['metrics']
+  head = ['dataset', 'aligned', 'commit', 'seed', 'best_epoch'] + names
+  buf = io.StringIO()
+  w = csv.writer(buf)
+  w.writerow(head)
+  for r in table['seeds']:
+    w.writerow([r[k] for k in head])
+  mean = table['mean_std']
+  base = [table['dataset'], table['aligned'], table['commit']]
+  w.writerow(base + ['mean', ''] + [f"{mean[m]['mean']:.4f}" for m in names])
+  w.writerow(base + ['std', ''] + [f"{mean[m]['std']:.4f}" for m in names])
+  md = ['| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
+  for r in table['seeds']:
+    md.append('| ' + ' | '.join(f'{r[k]:.4f}' if isinstance(r[k], float) else str(r[k])
+                                for k in head) + ' |')
+  md.append('| ' + ' | '.join(map(str, base)) + ' | mean ± std | | ' + ' | '.join(
+      f"{mean[m]['mean']:.4f} ± {mean[m]['std']:.4f}" for m in names) + ' |')
+  if 'baseline' in table:
+    b = table['baseline']
+    md.append(f"\nConstant prediction (training mean {b['train_mean']:.4f}): test MAE "
+              f"{b['test_MAE']:.4f}.")
+  os.makedirs(workdir, exist_ok=True)
+  for name, text in (('results.csv', buf.getvalue()),
+                     ('results.json', json.dumps(table, indent=1)),
+                     ('results.md', '\n'.join(md) + '\n')):
+    tmp = os.path.join(workdir, name + '.tmp')
+    with open(tmp, 'w') as f:
+      f.write(text)
+    os.replace(tmp, os.path.join(workdir, name))
+
+
+def run_eval(run, workdir: str, *, log=print) -> dict[str, Any]:
+  """Metrics and a predictions CSV for `run.eval_split` from `run.checkpoint` (a params
+  checkpoint dir: a seed's `best/`, or one written by `python -m dmd_jax.import_reference`),
+  by default the best params of the first seed in `workdir`."""
+  validate_run(run)
+  from dmd_jax.checkpoint import restore_params  # pylint: disable=import-outside-toplevel
+  path = data_path(run)
+  cfg, init = model(run)
+  ckpt = run.checkpoint or os.path.join(workdir, f'seed_{run.seeds[0]}', 'best')
+  if not os.path.isdir(ckpt):
+    raise FileNotFoundError(f'checkpoint not found: {ckpt} (set --config.checkpoint=DIR, or '
+                            'train first)')
+  params = _restore_any(ckpt, init, restore_params)
+  mesh = trainer.make_mesh()
+  steps = trainer.Steps(cfg, mesh)
+  params = steps.replicate(params)
+  data = loaders(run, path, run.seeds[0])
+  loader = getattr(data, run.eval_split)
+  if run.eval_split == 'train':
+    loader = Loader(loader.source, run.batch_size, train=False)
+  metrics, preds = trainer.evaluate(steps, params, loader)
+  os.makedirs(workdir, exist_ok=True)
+  out = os.path.join(workdir, f'eval_{run.eval_split}')
+  trainer.write_predictions(out + '_predictions.csv', preds,
+                            data.ids(run.eval_split, preds['index']))
+  trainer.write_json(out + '_metrics.json',
+                     {'checkpoint': os.path.abspath(ckpt), 'split': run.eval_split, **metrics})
+  log(f'{run.eval_split} from {ckpt}: ' + ', '.join(f'{k} {v:.4f}' for k, v in metrics.items()))
+  return metrics
+
+
+def _restore_any(ckpt: str, init, restore_params):
+  """Params from a training `best/` dir (state item) or an imported checkpoint (params item)."""
+  import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
+  with ocp.CheckpointManager(os.path.abspath(ckpt)) as mngr:
+    step = mngr.latest_step()
+    if step is None:
+      raise FileNotFoundError(f'no checkpoint in {ckpt}')
+    items = set(os.listdir(os.path.join(os.path.abspath(ckpt), str(step))))
+  if trainer.STATE_ITEM in items:
+    target = init(0)
+    with trainer.checkpoint_manager(ckpt, 1) as mngr:
+      params, _ = trainer.restore_state(mngr, step, target)
+    return params
+  params, _ = restore_params(ckpt, step)
+  return params

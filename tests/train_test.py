@@ -1,0 +1,249 @@
+"""Training: data parallelism (8 devices = 1 device = 2 processes), compile counts, exact resume
+after SIGKILL, the results table, eval mode, and the failure messages."""
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+import data_prep
+from configs import smoke
+from dmd_jax import api, experiment, optim
+from dmd_jax.checkpoint import save_params
+from dmd_jax import train as trainer
+from dmd_jax.input_pipeline import Loader, dataset_path, open_split
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope='module')
+def data_dir(tmp_path_factory):
+  d = tmp_path_factory.mktemp('data')
+  run = smoke.get_config()
+  syn = run.synthetic
+  pkl = data_prep.write_pickle(data_prep.generate('mosi', True, tuple(syn.sizes), seed=syn.seed,
+                                                  text_features=False), d / 'mosi.pkl')
+  data_prep.prepare(pkl, 'mosi', True, d, check_sha256=False)
+  return str(d)
+
+
+def smoke_run(data_dir, **overrides):
+  run = smoke.get_config()
+  run.data_dir = data_dir
+  run.progress = False
+  for k, v in overrides.items():
+    setattr(run, k, v)
+  return run
+
+
+def main_cmd(data_dir, workdir, *extra):
+  return [sys.executable, '-m', 'dmd_jax.main', '--config=configs/smoke.py', f'--workdir={workdir}',
+          f'--config.data_dir={data_dir}', '--config.progress=false', *extra]
+
+
+def env(devices):
+  e = dict(os.environ, JAX_PLATFORMS='cpu',
+           XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}')
+  return e
+
+
+def test_8_devices_match_1_device(data_dir):
+  run = smoke_run(data_dir)
+  cfg, init = experiment.model(run)
+  loader = Loader(open_split(dataset_path(data_dir, 'mosi', True), 'train'), 8, train=True,
+                  seed=1, device_count=8)
+  batches = [b for _, b in zip(range(4), loader)]
+  results = []
+  for devices in (jax.devices(), jax.devices()[:1]):
+    steps = trainer.Steps(cfg, trainer.make_mesh(devices))
+    tx = optim.reference_optimizer(run.learning_rate, run.update_epochs, run.grad_clip)
+    state = jax.device_put(api.create_train_state(init(0), tx), steps.replicated)
+    rng = jax.device_put(jax.random.key(0), steps.replicated)
+    losses = []
+    for i, b in enumerate(batches):
+      state, metrics = steps.train(state, steps.put(b), rng)
+      losses.append(metrics['total'])
+      if i == run.update_epochs - 1:             # right after the first Adam update
+        after_update = jax.device_get((state.params, state.opt_state.inner.inner_state[0].mu))
+    results.append((np.array(jax.device_get(losses)), *after_update))
+    assert len(state.params['text_model']['embeddings']['word_embeddings']['embedding']
+               .sharding.device_set) == len(devices)
+  (l8, p8, mu8), (l1, p1, mu1) = results
+  np.testing.assert_allclose(l8, l1, rtol=1e-5, atol=1e-6)
+  assert not np.allclose(l8[0], l8[-1])          # parameters moved between the steps
+  # After the first update (gradients taken at identical parameters): Adam's first moments are
+  # sums of gradients and must agree to float precision.
+  scale = max(float(np.max(np.abs(m))) for m in jax.tree.leaves(mu1))
+  for a, b in zip(jax.tree.leaves(mu8), jax.tree.leaves(mu1)):
+    np.testing.assert_allclose(a, b, atol=1e-5 * scale)
+  # Parameters agree to 1e-5, except entries whose gradient is zero up to float noise (key biases
+  # of attention, GD-Unit biases that cancel in softmax/differences, dead ReLU units): Adam
+  # normalises that noise into steps of about +-lr, so there both runs may move by up to lr per
+  # update, and nothing else may differ.
+  updates = 1
+  for (path, a), b, m in zip(jax.tree_util.tree_flatten_with_path(p8)[0], jax.tree.leaves(p1),
+                             jax.tree.leaves(mu1)):
+    noise = np.abs(m) <= 1e-6 * scale
+    diff = np.abs(a - b)
+    assert np.all(diff[~noise] <= 1e-5), (jax.tree_util.keystr(path), diff[~noise].max())
+    assert np.all(diff[noise] <= 2 * run.learning_rate * updates + 1e-6), jax.tree_util.keystr(path)
+
+
+@pytest.fixture(scope='module')
+def clean_run(data_dir, tmp_path_factory):
+  """One uninterrupted `python -m dmd_jax.main` run of configs/smoke.py (3 epochs, 8 devices)."""
+  workdir = tmp_path_factory.mktemp('clean')
+  ref = subprocess.run(main_cmd(data_dir, workdir), cwd=REPO, env=env(8), capture_output=True,
+                       text=True, timeout=900, check=False)
+  assert ref.returncode == 0, ref.stderr[-3000:]
+  return workdir
+
+
+def history(workdir):
+  return [json.loads(l) for l in (workdir / 'seed_1111' / 'metrics.jsonl').read_text()
+          .splitlines()]
+
+
+def test_main_writes_results_and_compiles_each_step_once(clean_run):
+  result = json.loads((clean_run / 'seed_1111' / 'result.json').read_text())
+  assert result['epochs'] == 3 and result['compiles'] == {'train': 1, 'eval': 1}
+  assert set(result['test']) == {'Has0_acc_2', 'Has0_F1_score', 'Non0_acc_2', 'Non0_F1_score',
+                                 'Mult_acc_5', 'Mult_acc_7', 'MAE', 'Corr', 'Loss'}
+  assert [r['step'] for r in history(clean_run)] == [1, 2, 3]
+  assert {'train/total', 'valid/Loss', 'valid/Corr', 'test/Non0_F1_score', 'lr'} <= set(
+      history(clean_run)[0])
+  assert os.listdir(clean_run / 'seed_1111' / 'tensorboard')
+  preds = (clean_run / 'seed_1111' / 'predictions_test.csv').read_text().splitlines()
+  assert preds[0] == 'index,id,label,prediction' and len(preds) == 1 + 20
+  assert sorted(int(r.split(',')[0]) for r in preds[1:]) == list(range(20))
+  table = json.loads((clean_run / 'results.json').read_text())
+  assert table['dataset'] == 'mosi' and table['aligned'] is True and len(table['seeds']) == 1
+  row = table['seeds'][0]
+  assert row['commit'] and row['seed'] == 1111 and row['MAE'] == result['test']['MAE']
+  assert table['mean_std']['MAE'] == {'mean': result['test']['MAE'], 'std': 0.0}
+  assert 'constant prediction' in (clean_run / 'results.md').read_text().lower()
+  csv_rows = (clean_run / 'results.csv').read_text().splitlines()
+  assert csv_rows[0].startswith('dataset,aligned,commit,seed,best_epoch,Has0_acc_2')
+  assert len(csv_rows) == 4                       # header, one seed, mean, std
+
+
+def test_sigkill_mid_epoch_then_rerun_finishes_like_an_uninterrupted_run(data_dir, clean_run,
+                                                                          tmp_path):
+  killed = tmp_path / 'killed'
+  proc = subprocess.Popen(main_cmd(data_dir, killed), cwd=REPO, env=env(8),
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  log = killed / 'seed_1111' / 'metrics.jsonl'
+  deadline = time.time() + 600
+  while time.time() < deadline and proc.poll() is None:
+    if log.exists() and log.read_text().count('\n') >= 1:   # epoch 1 done: epoch 2 is running
+      break
+    time.sleep(0.01)
+  assert proc.poll() is None, 'the run ended before it could be killed'
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  assert not (killed / 'seed_1111' / 'result.json').exists()
+  again = subprocess.run(main_cmd(data_dir, killed), cwd=REPO, env=env(8), capture_output=True,
+                         text=True, timeout=900, check=False)
+  assert again.returncode == 0, again.stderr[-3000:]
+  assert 'resumed after epoch' in again.stdout
+  want = json.loads((clean_run / 'seed_1111' / 'result.json').read_text())
+  got = json.loads((killed / 'seed_1111' / 'result.json').read_text())
+  assert got == want
+  for name in ('results.csv', 'results.md'):
+    assert (killed / name).read_text() == (clean_run / name).read_text()
+  final = {r['step']: r for r in history(killed)}   # a re-run epoch is logged again
+  assert sorted(final) == [1, 2, 3]
+  assert [final[k] for k in (1, 2, 3)] == history(clean_run)
+
+
+def _free_port():
+  with socket.socket() as s:
+    s.bind(('localhost', 0))
+    return s.getsockname()[1]
+
+
+def test_two_processes_match_one(data_dir, clean_run, tmp_path):
+  port = _free_port()
+  procs = [subprocess.Popen(
+      main_cmd(data_dir, tmp_path / 'two', '--config.max_epochs=1', '--config.distributed=true',
+               f'--config.coordinator_address=localhost:{port}', '--config.num_processes=2',
+               f'--config.process_id={i}'),
+      cwd=REPO, env=dict(env(2), JAX_CPU_COLLECTIVES_IMPLEMENTATION='gloo'),
+      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+  outs = [p.communicate(timeout=900) for p in procs]
+  for p, (_, err) in zip(procs, outs):
+    assert p.returncode == 0, err[-3000:]
+  # 2 processes x 2 devices, against the single-process 8-device run's first epoch (the same
+  # global batches, so the same numbers up to float reduction order)
+  one, two = history(clean_run)[0], history(tmp_path / 'two')[0]
+  for key in ('train/total', 'train/task', 'valid/Loss', 'test/Loss', 'test/Corr'):
+    assert abs(one[key] - two[key]) <= 1e-5 * max(1.0, abs(one[key])), (key, one[key], two[key])
+
+
+def test_eval_mode_writes_metrics_and_predictions(data_dir, clean_run, tmp_path):
+  run = smoke_run(data_dir, mode='eval', eval_split='valid')
+  metrics = experiment.run_eval(run, str(clean_run), log=lambda *_: None)
+  saved = json.loads((clean_run / 'eval_valid_metrics.json').read_text())
+  assert saved['Loss'] == metrics['Loss'] and saved['split'] == 'valid'
+  rows = (clean_run / 'eval_valid_predictions.csv').read_text().splitlines()
+  assert len(rows) == 1 + 24 and rows[1].split(',')[1].count('$_$') == 1
+  best = json.loads((clean_run / 'seed_1111' / 'result.json').read_text())
+  assert best['valid']['Loss'] == pytest.approx(metrics['Loss'], abs=1e-6)
+  # a params-only checkpoint, as `python -m dmd_jax.import_reference` writes them
+  cfg, init = experiment.model(run)
+  with trainer.checkpoint_manager(str(clean_run / 'seed_1111' / 'best'), 1) as mngr:
+    params, _ = trainer.restore_state(mngr, mngr.latest_step(), init(0))
+  save_params(str(tmp_path / 'imported'), jax.device_get(params), {'source': 'test'})
+  run.checkpoint = str(tmp_path / 'imported')
+  again = experiment.run_eval(run, str(tmp_path / 'eval'), log=lambda *_: None)
+  assert again == metrics
+
+
+def test_failures_are_named(data_dir, tmp_path):
+  run = smoke_run(str(tmp_path / 'empty'))
+  run.synthetic = None
+  with pytest.raises(FileNotFoundError, match='python -m data_prep.mmsa --dataset=mosi '
+                     '--aligned=true'):
+    experiment.data_path(run)
+  with pytest.raises(ValueError, match=r'config.batch_size=0: must be >= 1'):
+    experiment.validate_run(smoke_run(data_dir, batch_size=0))
+  with pytest.raises(ValueError, match=r"config.mode='fit'"):
+    experiment.validate_run(smoke_run(data_dir, mode='fit'))
+  bad = subprocess.run(main_cmd(data_dir, tmp_path / 'w', '--config.text_encoder=/no/such/bert'),
+                       cwd=REPO, env=env(1), capture_output=True, text=True, timeout=300,
+                       check=False)
+  assert bad.returncode != 0 and '/no/such/bert' in bad.stderr
+  unknown = subprocess.run(main_cmd(data_dir, tmp_path / 'w', '--config.learning_rat=1'),
+                           cwd=REPO, env=env(1), capture_output=True, text=True, timeout=300,
+                           check=False)
+  assert unknown.returncode != 0 and 'learning_rat' in unknown.stderr
+
+
+def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(data_dir, clean_run, tmp_path):
+  work = tmp_path / 'seed'
+  shutil.copytree(clean_run / 'seed_1111', work)
+  os.remove(work / 'result.json')                    # as if interrupted after epoch 3
+  before = sorted(os.listdir(work / 'checkpoints'))
+  run = smoke_run(data_dir, max_epochs=4)
+  cfg, init = experiment.model(run)
+  steps = trainer.Steps(cfg, trainer.make_mesh())
+  inner = steps.train
+
+  def poisoned(state, batch, rng):
+    state, metrics = inner(state, batch, rng)
+    return state, dict(metrics, total=metrics['total'] * np.nan)
+
+  steps.train = poisoned
+  data = experiment.loaders(run, dataset_path(data_dir, 'mosi', True), 1111)
+  with pytest.raises(FloatingPointError, match='non-finite training loss in epoch 4'):
+    trainer.train_seed(run, cfg, init, data, 1111, str(work), steps=steps, log=lambda *_: None)
+  assert sorted(os.listdir(work / 'checkpoints')) == before
+  assert not (work / 'result.json').exists()
