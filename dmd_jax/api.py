@@ -137,7 +137,11 @@ def train_step(state: TrainState, batch: Batch, rng: jax.Array, *, config: DMDCo
   (_, aux), grads = grad_fn(state.params, batch, config, rng=key, train=train)
   metrics = dict(aux['losses'])
   for space in ('homo', 'hetero'):
-    metrics[f'edges_{space}_mean'] = jnp.mean(aux['outputs'][f'edges_{space}'], axis=0)
+    e = aux['outputs'][f'edges_{space}']                   # (B, 3, 3) per sample
+    metrics[f'edges_{space}_mean'] = jnp.mean(e, axis=0)
+    # running moments for epoch statistics without another pass over the data
+    metrics[f'edges_{space}_sum'] = jnp.sum(e, axis=0)
+    metrics[f'edges_{space}_sqsum'] = jnp.sum(jnp.square(e), axis=0)
   return state.apply_gradients(grads), metrics
 
 

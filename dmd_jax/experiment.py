@@ -115,6 +115,10 @@ def run_training(run, workdir: str, *, progress: bool = True, log=print) -> dict
   log(f'{run.dataset} {"aligned" if run.aligned else "unaligned"} from {path}; '
       f'{jax.device_count()} device(s) in {jax.process_count()} process(es); '
       f'global batch {run.batch_size}; seeds {list(run.seeds)}')
+  if jax.process_index() == 0:      # what `python -m dmd_jax.export_edges --workdir` reads back
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, 'config.json'), 'w') as f:
+      f.write(run.to_json_best_effort(indent=1))
   rows = []
   for seed in run.seeds:
     seed_dir = os.path.join(workdir, f'seed_{seed}')
@@ -219,6 +223,48 @@ def run_eval(run, workdir: str, *, log=print) -> dict[str, Any]:
                      {'checkpoint': os.path.abspath(ckpt), 'split': run.eval_split, **metrics})
   log(f'{run.eval_split} from {ckpt}: ' + ', '.join(f'{k} {v:.4f}' for k, v in metrics.items()))
   return metrics
+
+
+def load_run_config(workdir: str):
+  """The run config a training run saved in its workdir (config.json)."""
+  import ml_collections  # pylint: disable=import-outside-toplevel
+  path = os.path.join(workdir, 'config.json')
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f'{path} not found: is {workdir} the --workdir of a training run?')
+  with open(path) as f:
+    run = ml_collections.ConfigDict(json.load(f))
+  run.model.kernel_sizes = tuple(run.model.kernel_sizes)
+  return run
+
+
+def export_edges(run, workdir: str, split: str = 'test', seed: int | None = None,
+                 checkpoint: str = '', log=print) -> dict[str, Any]:
+  """Per-sample edges of a split from a checkpoint (default: the best params of `seed`, the
+  run's first seed by default), with aggregates and heatmaps, into WORKDIR/edges/."""
+  from dmd_jax import edges  # pylint: disable=import-outside-toplevel
+  from dmd_jax.checkpoint import restore_params  # pylint: disable=import-outside-toplevel
+  if split not in ('train', 'valid', 'test'):
+    raise ValueError(f"split must be 'train', 'valid' or 'test', got {split!r}")
+  seed = run.seeds[0] if seed is None else seed
+  path = data_path(run)
+  cfg, init = model(run)
+  ckpt = checkpoint or os.path.join(workdir, f'seed_{seed}', 'best')
+  if not os.path.isdir(ckpt):
+    raise FileNotFoundError(f'checkpoint not found: {ckpt}')
+  params = _restore_any(ckpt, init, restore_params)
+  data = loaders(run, path, seed)
+  loader = getattr(data, split)
+  if split == 'train':
+    loader = Loader(loader.source, run.batch_size, train=False)
+  per_sample = edges.dataset_edges(params, cfg, loader)
+  out = edges.write_export(os.path.join(workdir, 'edges'), per_sample,
+                           data.ids(split, per_sample['index']), cfg, split)
+  summary = edges.summarize(per_sample)
+  for u in edges.UNITS:
+    v = edges.edge_vector(np.asarray(summary[u]['mean']))
+    log(f'{u}: ' + ', '.join(f'{e} {x:.3f}' for e, x in zip(edges.EDGE_LABELS, v)))
+  log(f"wrote {out['npz']}, {out['summary']} and {', '.join(out['figures'])}")
+  return out
 
 
 def _restore_any(ckpt: str, init, restore_params):

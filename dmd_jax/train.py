@@ -24,7 +24,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from dmd_jax import api, optim
+from dmd_jax import api, edges, optim
 from dmd_jax.config import DMDConfig
 from dmd_jax.input_pipeline import Loader, global_batch
 from dmd_jax.metrics import regression_metrics
@@ -78,7 +78,8 @@ class Steps:
     def evaluate(params, batch):
       out = api.forward(params, batch, cfg, train=False)
       return {'pred': out['output_logit'].reshape(-1), 'label': batch['labels'].reshape(-1),
-              'mask': batch['mask'], 'index': batch['index']}
+              'mask': batch['mask'], 'index': batch['index'],
+              'homo': out['edges_homo'], 'hetero': out['edges_hetero']}
 
     self.eval = jax.jit(evaluate, in_shardings=(self.replicated, self.split),
                         out_shardings=self.replicated)
@@ -204,12 +205,12 @@ def train_seed(run, cfg: DMDConfig, init_params: Callable[[int], Any], data: Dat
     sums, count = _fold(sums, count, pending)
     _check_finite(sums, epoch, workdir)
     train_metrics = {k: float(v) / count for k, v in sums.items() if np.ndim(v) == 0}
-    valid, _ = evaluate(steps, state.params, data.valid)
+    valid, valid_out = evaluate(steps, state.params, data.valid)
     if not np.isfinite(valid['Loss']):
       raise FloatingPointError(
           f"non-finite validation loss in epoch {epoch}; stopping. The last good state is the "
           f"latest checkpoint in {os.path.join(workdir, 'checkpoints')} (before this epoch)")
-    test, _ = evaluate(steps, state.params, data.test)
+    test, test_out = evaluate(steps, state.params, data.test)
     lr = optim.get_learning_rate(state.opt_state)
     new_lr = plateau.step(valid['Loss'])
     if new_lr != lr:
@@ -218,15 +219,28 @@ def train_seed(run, cfg: DMDConfig, init_params: Callable[[int], Any], data: Dat
     if improved:
       meta['best_valid'], meta['best_epoch'] = valid['Loss'], epoch
       save_state(best, epoch, state.params, {'epoch': epoch, 'valid': valid, 'seed': seed})
+    n_train = count * data.train.global_batch_size
+    edge_stats = {
+        'train': edges.epoch_row({u: edges.moment_stats(
+            edges.edge_vector(sums[f'edges_{u}_sum']), edges.edge_vector(sums[f'edges_{u}_sqsum']),
+            n_train) for u in edges.UNITS}),
+        'valid': edges.epoch_row({u: edges.vector_stats(edges.edge_vector(valid_out[u]))
+                                  for u in edges.UNITS}),
+        'test': edges.epoch_row({u: edges.vector_stats(edges.edge_vector(test_out[u]))
+                                 for u in edges.UNITS})}
     record = {'epoch': epoch, 'lr': lr, 'train': train_metrics, 'valid': valid, 'test': test,
-              'seconds': round(time.time() - t0, 2), 'best_epoch': meta['best_epoch']}
+              'edges': edge_stats, 'seconds': round(time.time() - t0, 2),
+              'best_epoch': meta['best_epoch']}
     meta['history'].append(record)
+    edges.write_history(meta['history'], workdir)
     meta.update(epoch=epoch, plateau=dataclasses.asdict(plateau), loader=data.train.get_state())
     save_state(latest, epoch, state, meta)
     if writer is not None:
       writer.write(epoch, {f'train/{k}': v for k, v in train_metrics.items()}
                    | {f'valid/{k}': v for k, v in valid.items()}
-                   | {f'test/{k}': v for k, v in test.items()} | {'lr': lr})
+                   | {f'test/{k}': v for k, v in test.items()} | {'lr': lr}
+                   | {f'edges/{split}/{k}': v for split, row in edge_stats.items()
+                      for k, v in row.items()})
     log(f"seed {seed} epoch {epoch}: train loss {train_metrics['total']:.4f} | valid L1 "
         f"{valid['Loss']:.4f} Acc2 {valid['Non0_acc_2']:.4f} | test L1 {test['Loss']:.4f} "
         f"Acc2 {test['Non0_acc_2']:.4f} Acc7 {test['Mult_acc_7']:.4f} | lr {lr:.2e} | "
@@ -241,8 +255,12 @@ def train_seed(run, cfg: DMDConfig, init_params: Callable[[int], Any], data: Dat
             # compilations of each jitted step in this process (1 each when shapes are stable)
             'compiles': {'train': steps.train._cache_size(),  # pylint: disable=protected-access
                          'eval': steps.eval._cache_size()}}  # pylint: disable=protected-access
-  write_predictions(os.path.join(workdir, 'predictions_test.csv'), preds,
-                    data.ids('test', preds['index']) if data.ids else None)
+  ids = data.ids('test', preds['index']) if data.ids else [''] * len(preds['index'])
+  write_predictions(os.path.join(workdir, 'predictions_test.csv'), preds, ids)
+  if jax.process_index() == 0:     # edges of the best parameters, and their history
+    edges.write_export(workdir, preds, ids, cfg, 'test')
+    for split in ('train', 'valid'):
+      edges.plot_history(meta['history'], os.path.join(workdir, f'edges_history_{split}'), split)
   write_json(done_path, result)
   latest.close()
   best.close()

@@ -16,7 +16,7 @@ import pytest
 
 import data_prep
 from configs import smoke
-from dmd_jax import api, experiment, optim
+from dmd_jax import api, edges, experiment, optim
 from dmd_jax.checkpoint import save_params
 from dmd_jax import train as trainer
 from dmd_jax.input_pipeline import Loader, dataset_path, open_split
@@ -247,3 +247,89 @@ def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(data_dir, clean
     trainer.train_seed(run, cfg, init, data, 1111, str(work), steps=steps, log=lambda *_: None)
   assert sorted(os.listdir(work / 'checkpoints')) == before
   assert not (work / 'result.json').exists()
+
+
+# ---- edges (what the GD-Units learned) --------------------------------------------------------
+
+def test_exported_edges_are_normalised_and_match_the_model(data_dir, clean_run):
+  seed_dir = clean_run / 'seed_1111'
+  with np.load(seed_dir / 'edges_test.npz') as z:
+    f = {k: z[k] for k in z.files}
+  assert f['homo'].shape == f['hetero'].shape == (20, 3, 3) and len(f['id']) == 20
+  for u in edges.UNITS:
+    m = f[u]
+    assert np.all(m >= 0) and np.all(m[:, np.arange(3), np.arange(3)] == 0)
+    np.testing.assert_allclose(m.sum((1, 2)), 1.0, atol=1e-5)
+  # the model itself, on the same samples, from the best parameters
+  run = smoke_run(data_dir)
+  cfg, init = experiment.model(run)
+  with trainer.checkpoint_manager(str(seed_dir / 'best'), 1) as mngr:
+    params, _ = trainer.restore_state(mngr, mngr.latest_step(), init(0))
+  loader = Loader(open_split(dataset_path(data_dir, 'mosi', True), 'test'), 8, train=False,
+                  device_count=8)
+  batch = next(iter(loader))
+  direct = jax.device_get(edges.batch_edges(params, batch, cfg))
+  rows = [int(np.where(f['index'] == i)[0][0]) for i in batch['index']]
+  for u in edges.UNITS:
+    np.testing.assert_allclose(f[u][rows], direct[u], atol=1e-6)
+  # aggregates are the numpy means of the per-sample file
+  summary = json.loads((seed_dir / 'edges_test_summary.json').read_text())
+  f = {k: v.astype(np.float64) if v.dtype == np.float32 else v for k, v in f.items()}
+  for u in edges.UNITS:
+    np.testing.assert_allclose(summary[u]['mean'], f[u].mean(0), atol=1e-12)
+    np.testing.assert_allclose(summary[u]['std'], f[u].std(0), atol=1e-12)
+    pos = f['label'] > 0
+    np.testing.assert_allclose(summary[u]['groups']['positive']['mean'], f[u][pos].mean(0),
+                               atol=1e-12)
+    assert sum(g['count'] for g in summary[u]['groups'].values()) == 20
+    np.testing.assert_allclose(summary[u]['weighted_mean'],
+                               f[u].mean(0) + np.array(summary[u]['prior']), atol=1e-12)
+  for name in ('edges_test_heatmap.png', 'edges_history_train.png', 'edges_history_valid.png'):
+    data = (seed_dir / name).read_bytes()
+    assert data[:8] == b'\x89PNG\r\n\x1a\n' and len(data) > 5000, name
+  assert (seed_dir / 'edges_test_heatmap.svg').stat().st_size > 0
+
+
+def test_edge_history_has_a_row_per_epoch_split_and_unit(clean_run):
+  seed_dir = clean_run / 'seed_1111'
+  rows = (seed_dir / 'edges_history.csv').read_text().splitlines()
+  assert rows[0].startswith('epoch,split,unit,L->V mean,L->A mean,V->L mean,V->A mean')
+  keys = [tuple(r.split(',')[:3]) for r in rows[1:]]
+  assert keys == [(str(e), s, u) for e in (1, 2, 3) for s in ('train', 'valid', 'test')
+                  for u in ('homo', 'hetero')]
+  hist = json.loads((seed_dir / 'edges_history.json').read_text())
+  assert [h['epoch'] for h in hist] == [1, 2, 3]
+  for h in hist:
+    for split in ('train', 'valid', 'test'):
+      for u in edges.UNITS:   # the six means of a unit sum to 1
+        total = sum(h[split][f'{u}/{e}/mean'] for e in edges.EDGE_LABELS)
+        assert abs(total - 1) < 1e-5
+  logged = history(clean_run)[0]
+  assert logged['edges/train/homo/L->A/mean'] == hist[0]['train']['homo/L->A/mean']
+
+
+def test_train_edge_moments_from_running_sums():
+  rs = np.random.default_rng(0)
+  m = rs.dirichlet(np.ones(6), size=50)
+  stats = edges.moment_stats(m.sum(0), (m ** 2).sum(0), 50)
+  np.testing.assert_allclose(stats['mean'], m.mean(0), atol=1e-12)
+  np.testing.assert_allclose(stats['std'], m.std(0), atol=1e-9)
+  mat = np.zeros((50, 3, 3))
+  mat[:, [0, 0, 1, 1, 2, 2], [1, 2, 0, 2, 0, 1]] = m          # L->V, L->A, V->L, V->A, A->L, A->V
+  np.testing.assert_array_equal(edges.edge_vector(mat), m)
+
+
+def test_export_command(data_dir, clean_run):
+  out = subprocess.run([sys.executable, '-m', 'dmd_jax.export_edges', f'--workdir={clean_run}',
+                        '--split=valid', f'--data_dir={data_dir}'], cwd=REPO, env=env(8),
+                       capture_output=True, text=True, timeout=600, check=False)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert 'homo: L->V' in out.stdout
+  d = clean_run / 'edges'
+  with np.load(d / 'edges_valid.npz') as z:
+    assert z['homo'].shape == (24, 3, 3) and sorted(z['index'].tolist()) == list(range(24))
+    ids = [str(i) for i in z['id']]
+  assert all('$_$' in i for i in ids)
+  csv_rows = (d / 'edges_valid_summary.csv').read_text().splitlines()
+  assert csv_rows[0] == 'unit,group,statistic,source,to L,to V,to A'
+  assert (d / 'edges_valid_heatmap.png').stat().st_size > 5000
