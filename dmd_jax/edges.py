@@ -106,9 +106,14 @@ def write_history(rows: Sequence[Mapping[str, Any]], directory: str) -> None:
         table.append([r['epoch'], split, u] +
                      [r['edges'][split][f'{u}/{e}/{k}'] for k in ('mean', 'std')
                       for e in EDGE_LABELS])
-  _atomic(os.path.join(directory, 'edges_history.csv'), _csv([head] + table))
-  _atomic(os.path.join(directory, 'edges_history.json'),
+  _write(os.path.join(directory, 'edges_history.csv'), _csv([head] + table))
+  _write(os.path.join(directory, 'edges_history.json'),
           json.dumps([{'epoch': r['epoch'], **r['edges']} for r in rows], indent=1))
+
+
+def _write(path: str, text: str) -> None:
+  from dmd_jax.train import write_text  # pylint: disable=import-outside-toplevel
+  write_text(path, text)
 
 
 def _csv(rows) -> str:
@@ -116,13 +121,6 @@ def _csv(rows) -> str:
   buf = io.StringIO()
   csv.writer(buf).writerows(rows)
   return buf.getvalue()
-
-
-def _atomic(path: str, text: str) -> None:
-  tmp = path + '.tmp'
-  with open(tmp, 'w') as f:
-    f.write(text)
-  os.replace(tmp, path)
 
 
 def write_export(directory: str, per_sample: Mapping[str, np.ndarray], ids: Sequence[str],
@@ -135,7 +133,7 @@ def write_export(directory: str, per_sample: Mapping[str, np.ndarray], ids: Sequ
            id=np.asarray(ids, dtype=str), modalities=np.asarray(MODALITIES))
   os.replace(base + '.npz.tmp.npz', base + '.npz')
   summary = summarize(per_sample, per_sample['label'], cfg)
-  _atomic(base + '_summary.json', json.dumps({'split': split, 'order': 'matrix[source, target], '
+  _write(base + '_summary.json', json.dumps({'split': split, 'order': 'matrix[source, target], '
                                               'modalities L, V, A', **summary}, indent=1))
   rows = [['unit', 'group', 'statistic', 'source'] + [f'to {t}' for t in MODALITIES]]
   for u in UNITS:
@@ -147,9 +145,10 @@ def write_export(directory: str, per_sample: Mapping[str, np.ndarray], ids: Sequ
                    for i, s in enumerate(MODALITIES)]
     rows += [[u, 'all', 'mean+prior', s] + [f'{v:.6f}' for v in summary[u]['weighted_mean'][i]]
              for i, s in enumerate(MODALITIES)]
-  _atomic(base + '_summary.csv', _csv(rows))
+  _write(base + '_summary.csv', _csv(rows))
   figs = plot_heatmaps(summary, base + '_heatmap', title=f'{split}: mean edge weight')
-  return {'npz': base + '.npz', 'summary': base + '_summary.json', 'figures': figs}
+  return {'npz': base + '.npz', 'summary': base + '_summary.json', 'figures': figs,
+          'stats': summary}
 
 
 def plot_heatmaps(summary: Mapping[str, Any], path_stem: str, title: str = '') -> list[str]:

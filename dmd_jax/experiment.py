@@ -188,10 +188,28 @@ def write_table(table: Mapping[str, Any], workdir: str) -> None:
   for name, text in (('results.csv', buf.getvalue()),
                      ('results.json', json.dumps(table, indent=1)),
                      ('results.md', '\n'.join(md) + '\n')):
-    tmp = os.path.join(workdir, name + '.tmp')
-    with open(tmp, 'w') as f:
-      f.write(text)
-    os.replace(tmp, os.path.join(workdir, name))
+    trainer.write_text(os.path.join(workdir, name), text)
+
+
+def _split_from_checkpoint(run, workdir: str, split: str, seed: int, checkpoint: str):
+  """(cfg, steps, params on the mesh, eval loader of `split`, data) for a trained run's
+  checkpoint: `checkpoint`, else the best params of `seed` in `workdir`."""
+  from dmd_jax.checkpoint import restore_params  # pylint: disable=import-outside-toplevel
+  if split not in ('train', 'valid', 'test'):
+    raise ValueError(f"split must be 'train', 'valid' or 'test', got {split!r}")
+  path = data_path(run)
+  cfg, init = model(run)
+  ckpt = checkpoint or os.path.join(workdir, f'seed_{seed}', 'best')
+  if not os.path.isdir(ckpt):
+    raise FileNotFoundError(f'checkpoint not found: {ckpt} (set --config.checkpoint=DIR, or '
+                            'train first)')
+  steps = trainer.Steps(cfg, trainer.make_mesh())
+  params = steps.replicate(_restore_any(ckpt, init, restore_params))
+  data = loaders(run, path, seed)
+  loader = getattr(data, split)
+  if split == 'train':   # every training sample once, in file order
+    loader = Loader(loader.source, run.batch_size, train=False)
+  return cfg, steps, params, loader, data, ckpt
 
 
 def run_eval(run, workdir: str, *, log=print) -> dict[str, Any]:
@@ -199,29 +217,16 @@ def run_eval(run, workdir: str, *, log=print) -> dict[str, Any]:
   checkpoint dir: a seed's `best/`, or one written by `python -m dmd_jax.import_reference`),
   by default the best params of the first seed in `workdir`."""
   validate_run(run)
-  from dmd_jax.checkpoint import restore_params  # pylint: disable=import-outside-toplevel
-  path = data_path(run)
-  cfg, init = model(run)
-  ckpt = run.checkpoint or os.path.join(workdir, f'seed_{run.seeds[0]}', 'best')
-  if not os.path.isdir(ckpt):
-    raise FileNotFoundError(f'checkpoint not found: {ckpt} (set --config.checkpoint=DIR, or '
-                            'train first)')
-  params = _restore_any(ckpt, init, restore_params)
-  mesh = trainer.make_mesh()
-  steps = trainer.Steps(cfg, mesh)
-  params = steps.replicate(params)
-  data = loaders(run, path, run.seeds[0])
-  loader = getattr(data, run.eval_split)
-  if run.eval_split == 'train':
-    loader = Loader(loader.source, run.batch_size, train=False)
+  split = run.eval_split
+  _, steps, params, loader, data, ckpt = _split_from_checkpoint(run, workdir, split,
+                                                                run.seeds[0], run.checkpoint)
   metrics, preds = trainer.evaluate(steps, params, loader)
   os.makedirs(workdir, exist_ok=True)
-  out = os.path.join(workdir, f'eval_{run.eval_split}')
-  trainer.write_predictions(out + '_predictions.csv', preds,
-                            data.ids(run.eval_split, preds['index']))
+  out = os.path.join(workdir, f'eval_{split}')
+  trainer.write_predictions(out + '_predictions.csv', preds, data.ids(split, preds['index']))
   trainer.write_json(out + '_metrics.json',
-                     {'checkpoint': os.path.abspath(ckpt), 'split': run.eval_split, **metrics})
-  log(f'{run.eval_split} from {ckpt}: ' + ', '.join(f'{k} {v:.4f}' for k, v in metrics.items()))
+                     {'checkpoint': os.path.abspath(ckpt), 'split': split, **metrics})
+  log(f'{split} from {ckpt}: ' + ', '.join(f'{k} {v:.4f}' for k, v in metrics.items()))
   return metrics
 
 
@@ -242,26 +247,14 @@ def export_edges(run, workdir: str, split: str = 'test', seed: int | None = None
   """Per-sample edges of a split from a checkpoint (default: the best params of `seed`, the
   run's first seed by default), with aggregates and heatmaps, into WORKDIR/edges/."""
   from dmd_jax import edges  # pylint: disable=import-outside-toplevel
-  from dmd_jax.checkpoint import restore_params  # pylint: disable=import-outside-toplevel
-  if split not in ('train', 'valid', 'test'):
-    raise ValueError(f"split must be 'train', 'valid' or 'test', got {split!r}")
   seed = run.seeds[0] if seed is None else seed
-  path = data_path(run)
-  cfg, init = model(run)
-  ckpt = checkpoint or os.path.join(workdir, f'seed_{seed}', 'best')
-  if not os.path.isdir(ckpt):
-    raise FileNotFoundError(f'checkpoint not found: {ckpt}')
-  params = _restore_any(ckpt, init, restore_params)
-  data = loaders(run, path, seed)
-  loader = getattr(data, split)
-  if split == 'train':
-    loader = Loader(loader.source, run.batch_size, train=False)
-  per_sample = edges.dataset_edges(params, cfg, loader)
+  cfg, steps, params, loader, data, _ = _split_from_checkpoint(run, workdir, split, seed,
+                                                               checkpoint)
+  _, per_sample = trainer.evaluate(steps, params, loader)
   out = edges.write_export(os.path.join(workdir, 'edges'), per_sample,
                            data.ids(split, per_sample['index']), cfg, split)
-  summary = edges.summarize(per_sample)
   for u in edges.UNITS:
-    v = edges.edge_vector(np.asarray(summary[u]['mean']))
+    v = edges.edge_vector(np.asarray(out['stats'][u]['mean']))
     log(f'{u}: ' + ', '.join(f'{e} {x:.3f}' for e, x in zip(edges.EDGE_LABELS, v)))
   log(f"wrote {out['npz']}, {out['summary']} and {', '.join(out['figures'])}")
   return out

@@ -141,13 +141,18 @@ def restore_state(mngr: ocp.CheckpointManager, step: int, target):
   return got[STATE_ITEM], dict(got[META_ITEM])
 
 
-def write_json(path: str, obj: Any) -> None:
+def write_text(path: str, text: str) -> None:
+  """Write a whole file atomically (temp file, then rename), from process 0 only."""
   if jax.process_index() != 0:
     return
   tmp = path + '.tmp'
   with open(tmp, 'w') as f:
-    json.dump(obj, f, indent=1, sort_keys=True)
+    f.write(text)
   os.replace(tmp, path)
+
+
+def write_json(path: str, obj: Any) -> None:
+  write_text(path, json.dumps(obj, indent=1, sort_keys=True))
 
 
 # ---- one seed ---------------------------------------------------------------------------------
@@ -288,15 +293,10 @@ def _check_finite(sums, epoch, workdir):
 
 
 def write_predictions(path: str, preds: Mapping[str, np.ndarray], ids=None) -> None:
-  if jax.process_index() != 0:
-    return
-  tmp = path + '.tmp'
-  with open(tmp, 'w') as f:
-    f.write('index,id,label,prediction\n')
-    for j, (i, y, p) in enumerate(zip(preds['index'], preds['label'], preds['pred'])):
-      name = ids[j] if ids is not None else ''
-      f.write(f'{int(i)},{name},{float(y):.6g},{float(p):.6g}\n')
-  os.replace(tmp, path)
+  rows = ['index,id,label,prediction'] + [
+      f"{int(i)},{ids[j] if ids is not None else ''},{float(y):.6g},{float(p):.6g}"
+      for j, (i, y, p) in enumerate(zip(preds['index'], preds['label'], preds['pred']))]
+  write_text(path, '\n'.join(rows) + '\n')
 
 
 class _progress:
