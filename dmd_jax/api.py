@@ -23,6 +23,7 @@ import optax
 from dmd_jax.config import DMDConfig
 from dmd_jax.losses import dmd_losses
 from dmd_jax.models import DMD
+from dmd_jax.rng import dropout_key
 
 PyTree = Any
 Batch = Mapping[str, jax.Array]
@@ -86,7 +87,7 @@ def check_batch(batch: Batch) -> None:
 def forward(params: PyTree, batch: Batch, config: DMDConfig, *, rng: Optional[jax.Array] = None,
             train: bool = False) -> dict[str, jax.Array]:
   """Every forward output of the reference (batch-major) plus both edge matrices."""
-  rngs = {'dropout': rng} if rng is not None else {}
+  rngs = {'dropout': dropout_key(rng, config.dropout_rng)} if rng is not None else {}
   if train and rng is None and config.has_dropout:
     raise ValueError('train=True with non-zero dropout needs an rng key (rng=...)')
   return DMD(config).apply({'params': params}, batch['text'], batch['audio'], batch['vision'],

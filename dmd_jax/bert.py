@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dmd_jax.config import BertConfig
-from dmd_jax.layers import LayerNorm
+from dmd_jax.layers import LayerNorm, scan_layers
 
 PyTree = Any
 _INIT = nn.initializers.normal(0.02)  # HF's initializer_range; only used without pretrained weights.
@@ -128,9 +128,9 @@ class _Encoder(nn.Module):
 
   @nn.compact
   def __call__(self, x, allowed, deterministic):
-    for i in range(self.config.num_hidden_layers):
-      x = _Layer(self.config, name=f'layer_{i}')(x, allowed, deterministic)
-    return x
+    names = [f'layer_{i}' for i in range(self.config.num_hidden_layers)]
+    return scan_layers(self, lambda **kw: _Layer(self.config, **kw), names, x, allowed,
+                       deterministic=deterministic)
 
 
 class BertModel(nn.Module):

@@ -129,6 +129,8 @@ class DMDConfig:
   decouple_weight: float = 0.1   # lambda_1, cycle + reconstruction + gamma * (margin + ort).
   margin_ort_weight: float = 0.1  # gamma.
   margin_scale: float = 0.15     # Hinge margin per unit of label difference.
+  # Execution: which generator draws the dropout masks (dmd_jax/rng.py).
+  dropout_rng: str = 'hash'      # dropout masks from dmd_jax.rng.HASH_IMPL, or 'threefry'.
 
   def __post_init__(self):
     def fail(field, msg):
@@ -154,6 +156,8 @@ class DMDConfig:
     for name in ('gd_prior_homo', 'gd_prior_hetero'):
       if len(getattr(self, name)) != 6:
         fail(name, 'needs six values, one per directed edge')
+    if self.dropout_rng not in ('hash', 'threefry'):
+      fail('dropout_rng', f"must be 'hash' or 'threefry', got {self.dropout_rng!r}")
     for name in DROPOUT_FIELDS:
       if not 0.0 <= getattr(self, name) < 1.0:
         fail(name, f'dropout rate must be in [0, 1), got {getattr(self, name)}')
@@ -222,7 +226,8 @@ def reference_config(dataset: str = 'mosi', aligned: bool = True,
   return DMDConfig(**kw)
 
 
-_RUN_MODEL_KEYS = ('d', 'num_heads', 'nlevels', 'kernel_sizes', 'attn_mask') + DROPOUT_FIELDS
+_RUN_MODEL_KEYS = ('d', 'num_heads', 'nlevels', 'kernel_sizes', 'attn_mask',
+                   'dropout_rng') + DROPOUT_FIELDS
 
 
 def from_run_config(run: Mapping[str, Any], bert: BertConfig) -> DMDConfig:

@@ -12,7 +12,7 @@ encoder of MulT as used by DMD (spec §2.5-§2.6), quirks included:
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Callable, Optional
 
 import flax.linen as nn
 import jax
@@ -76,6 +76,35 @@ def layer_norm(name: str, eps: float = LN_EPS) -> LayerNorm:
   return LayerNorm(epsilon=eps, name=name)
 
 
+def scan_layers(parent: nn.Module, make_layer: Callable[..., nn.Module], names: list[str],
+                x: jax.Array, *args, deterministic: bool) -> jax.Array:
+  """x -> layer_n(...layer_1(x, *args)...) over the identical layers `names` of `parent`.
+
+  Parameters keep their per-layer names (`layers_0`, `layers_1`, ...; checkpoints and the
+  reference mapping are unchanged), but outside initialisation the layers run as one `lax.scan`
+  over their stacked parameters: the step compiles one layer body per stack instead of one per
+  layer (about 4x less code for XLA). `make_layer(name=..., parent=...)` builds a layer module;
+  it is called as layer(x, *args, deterministic). Dropout keys are split per layer.
+  """
+  if parent.is_initializing() or len(names) < 2:
+    for name in names:
+      x = make_layer(name=name)(x, *args, deterministic)
+    return x
+  params = parent.variables['params']
+  stacked = jax.tree.map(lambda *p: jnp.stack(p), *[params[n] for n in names])
+  layer = make_layer(name=None, parent=None)                  # unbound: applied to each slice
+  train = not deterministic and parent.has_rng('dropout')
+  keys = (jax.random.split(parent.make_rng('dropout'), len(names)) if train
+          else jnp.zeros((len(names),), jnp.uint32))
+
+  def body(h, p_and_key):
+    p, key = p_and_key
+    rngs = {'dropout': key} if train else {}
+    return layer.apply({'params': p}, h, *args, deterministic, rngs=rngs), None
+
+  return jax.lax.scan(body, x, (stacked, keys))[0]
+
+
 def sinusoidal_positions(x_in: jax.Array) -> jax.Array:
   """fairseq sinusoidal embedding with MulT's data-dependent positions.
 
@@ -96,11 +125,72 @@ def sinusoidal_positions(x_in: jax.Array) -> jax.Array:
   return jnp.where(has_position[..., None], table[None].astype(x_in.dtype), 0)
 
 
-def future_mask(tq: int, tk: int) -> jax.Array:
-  """(tq, tk) boolean 'may attend' mask: key j is hidden from query i iff j - i >= 1 + |tk - tq|."""
-  i = jnp.arange(tq)[:, None]
+def future_mask(tq: int, tk: int, row_start: int = 0, offset: Optional[int] = None) -> jax.Array:
+  """(tq, tk) boolean 'may attend' mask: key j is hidden from query i iff j - i >= 1 + offset,
+  offset = |tk - tq| by default; rows are query positions row_start, row_start + 1, ..."""
+  offset = abs(tk - tq) if offset is None else offset
+  i = row_start + jnp.arange(tq)[:, None]
   j = jnp.arange(tk)[None, :]
-  return (j - i) < 1 + abs(tk - tq)
+  return (j - i) < 1 + offset
+
+
+# Attention over long sequences (the unaligned settings' 375/500 steps) is memory-bound: a layer's
+# (B, heads, T, T) score tensor is ~160 MB at T = 500, and every softmax/dropout pass streams it
+# through memory. Above LOOP_MIN_SCORES scores per head and sample, heads are processed one at a
+# time (lax.map, rematerialised in the backward pass) so a head's scores stay in cache, and with a
+# causal mask the query rows are cut into ROW_BLOCKS blocks that only read the keys they may see.
+LOOP_MIN_SCORES = 128 * 128
+ROW_BLOCKS = 4
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal_offset: Optional[int],
+              row_start: int = 0, dropout_rate: float = 0.0,
+              rng: Optional[jax.Array] = None) -> jax.Array:
+  """softmax(q k^T + mask) v with dropout on the probabilities, per head.
+
+  Args:
+    q: (B, Tq, H, hd), already scaled; k, v: (B, Tk, H, hd).
+    causal_offset: None for no mask, else key j is hidden from query i iff
+      j - i >= 1 + causal_offset; query i is at position row_start + i.
+    dropout_rate, rng: dropout on the normalised probabilities (rng None = no dropout).
+  Returns (B, Tq, H, hd).
+
+  The normalisation is applied after the value product, out = (drop(e) v) / sum(e) with
+  e = exp(s - max s): the same function as dropout(softmax(s)) v, one (Tq, Tk) pass fewer.
+  """
+  tq, tk = q.shape[1], k.shape[1]
+  use_dropout = rng is not None and dropout_rate > 0
+  n_blocks = ROW_BLOCKS if causal_offset is not None and tq >= 4 * ROW_BLOCKS else 1
+  bounds = [round(i * tq / n_blocks) for i in range(n_blocks + 1)]
+
+  def one_head(qh, kh, vh, key):  # (B, Tq, hd), (B, Tk, hd), (B, Tk, hd) -> (B, Tq, hd)
+    outs = []
+    for b in range(n_blocks):
+      r0, r1 = bounds[b], bounds[b + 1]
+      # Keys a block may see: j < last row + 1 + offset (all keys without a mask).
+      kmax = tk if causal_offset is None else min(tk, row_start + r1 + causal_offset)
+      s = jnp.einsum('bqd,bkd->bqk', qh[:, r0:r1], kh[:, :kmax])
+      if causal_offset is not None:
+        s = jnp.where(future_mask(r1 - r0, kmax, row_start + r0, causal_offset), s, -jnp.inf)
+      s = s.astype(jnp.float32)
+      e = jnp.exp(s - jax.lax.stop_gradient(jnp.max(s, axis=-1, keepdims=True)))
+      total = jnp.sum(e, axis=-1, keepdims=True)
+      if use_dropout:
+        keep = jax.random.bernoulli(jax.random.fold_in(key, b), 1.0 - dropout_rate, e.shape)
+        e = jnp.where(keep, e, 0.0)
+        total = total * (1.0 - dropout_rate)
+      o = jnp.einsum('bqk,bkd->bqd', e.astype(vh.dtype), vh[:, :kmax])
+      outs.append(o / total.astype(o.dtype))
+    return outs[0] if n_blocks == 1 else jnp.concatenate(outs, axis=1)
+
+  heads = [x.transpose(2, 0, 1, 3) for x in (q, k, v)]                 # (H, B, T, hd)
+  keys = (jax.random.split(rng, q.shape[2]) if use_dropout
+          else jnp.zeros((q.shape[2],), jnp.uint32))
+  if tq * tk >= LOOP_MIN_SCORES:
+    out = jax.lax.map(jax.checkpoint(lambda a: one_head(*a)), (*heads, keys))
+  else:
+    out = jax.vmap(one_head)(*heads, keys)
+  return out.transpose(1, 2, 0, 3)
 
 
 class MultiheadAttention(nn.Module):
@@ -111,11 +201,13 @@ class MultiheadAttention(nn.Module):
   attn_dropout: float = 0.0
 
   @nn.compact
-  def __call__(self, query, key, value, mask: Optional[jax.Array], deterministic: bool):
+  def __call__(self, query, key, value, causal_offset: Optional[int], row_start: int,
+               deterministic: bool):
     e, h = self.embed_dim, self.num_heads
     hd = e // h
     w = self.param('in_proj_kernel', nn.initializers.xavier_uniform(), (e, 3 * e))
     b = self.param('in_proj_bias', nn.initializers.zeros, (3 * e,))
+    w, b = w.astype(query.dtype), b.astype(query.dtype)
     if query is key and key is value:           # self-attention: one packed matmul
       q, k, v = jnp.split(query @ w + b, 3, axis=-1)
     else:
@@ -127,20 +219,20 @@ class MultiheadAttention(nn.Module):
         v = value @ w[:, 2 * e:] + b[2 * e:]
     q = q * (hd ** -0.5)
     bsz, tq, tk = query.shape[0], query.shape[1], key.shape[1]
-    q = q.reshape(bsz, tq, h, hd)
-    k = k.reshape(bsz, tk, h, hd)
-    v = v.reshape(bsz, tk, h, hd)
-    scores = jnp.einsum('bqhd,bkhd->bhqk', q, k)
-    if mask is not None:
-      scores = jnp.where(mask, scores, -jnp.inf)
-    probs = jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(scores.dtype)
-    probs = nn.Dropout(self.attn_dropout)(probs, deterministic=deterministic)
-    out = jnp.einsum('bhqk,bkhd->bqhd', probs, v).reshape(bsz, tq, e)
-    return Linear(e, init='xavier', name='out_proj')(out)
+    drop = not deterministic and self.attn_dropout > 0
+    out = attention(q.reshape(bsz, tq, h, hd), k.reshape(bsz, tk, h, hd),
+                    v.reshape(bsz, tk, h, hd), causal_offset=causal_offset, row_start=row_start,
+                    dropout_rate=self.attn_dropout,
+                    rng=self.make_rng('dropout') if drop else None)
+    return Linear(e, init='xavier', name='out_proj')(out.reshape(bsz, tq, e))
 
 
 class TransformerEncoderLayer(nn.Module):
-  """Pre-LN layer: x + Attn(LN0(x), LN0(k), LN0(v)); then x + FFN(LN1(x))."""
+  """Pre-LN layer: x + Attn(LN0(x), LN0(k), LN0(v)); then x + FFN(LN1(x)).
+
+  With `last_only` only the last query position is computed (its keys and values still span the
+  whole input): the output is (B, 1, E), exactly the last row of the full layer's output.
+  """
   embed_dim: int
   num_heads: int
   attn_dropout: float = 0.0
@@ -148,7 +240,8 @@ class TransformerEncoderLayer(nn.Module):
   res_dropout: float = 0.0
 
   @nn.compact
-  def __call__(self, x, x_k, x_v, mask, deterministic: bool):
+  def __call__(self, x, x_k, x_v, causal_offset: Optional[int], deterministic: bool,
+               last_only: bool = False):
     ln0 = layer_norm('layer_norms_0')
     h = ln0(x)
     if x_k is None:
@@ -156,8 +249,11 @@ class TransformerEncoderLayer(nn.Module):
     else:
       hk = ln0(x_k)
       hv = hk if x_v is x_k else ln0(x_v)
+    row_start = 0
+    if last_only:
+      row_start, x, h = x.shape[1] - 1, x[:, -1:], h[:, -1:]
     a = MultiheadAttention(self.embed_dim, self.num_heads, self.attn_dropout,
-                           name='self_attn')(h, hk, hv, mask, deterministic)
+                           name='self_attn')(h, hk, hv, causal_offset, row_start, deterministic)
     x = x + nn.Dropout(self.res_dropout)(a, deterministic=deterministic)
     h = layer_norm('layer_norms_1')(x)
     h = nn.relu(Linear(4 * self.embed_dim, init='xavier', name='fc1')(h))
@@ -168,7 +264,11 @@ class TransformerEncoderLayer(nn.Module):
 
 class TransformerEncoder(nn.Module):
   """MulT TransformerEncoder: self-attention when `x_kv` is None, else cross-modal attention with
-  query `x` (target modality) and key = value = `x_kv` (source modality)."""
+  query `x` (target modality) and key = value = `x_kv` (source modality).
+
+  `last_only=True` returns only the last time step, (B, 1, E), computing the final layer for that
+  position alone (DMD reads nothing else from its self-attention and memory transformers).
+  """
   embed_dim: int
   num_heads: int
   layers: int
@@ -177,6 +277,7 @@ class TransformerEncoder(nn.Module):
   res_dropout: float = 0.0
   embed_dropout: float = 0.0
   attn_mask: bool = True
+  last_only: bool = False
 
   @nn.compact
   def __call__(self, x_in: jax.Array, x_kv: Optional[jax.Array] = None, *,
@@ -191,9 +292,13 @@ class TransformerEncoder(nn.Module):
       x_k = drop(kv, deterministic=deterministic)
       x_v = x_k if deterministic or self.embed_dropout == 0 else drop(kv, deterministic=False)
     tk = x.shape[1] if x_kv is None else x_kv.shape[1]
-    mask = future_mask(x.shape[1], tk) if self.attn_mask else None
-    for i in range(self.layers):
-      x = TransformerEncoderLayer(self.embed_dim, self.num_heads, self.attn_dropout,
-                                  self.relu_dropout, self.res_dropout,
-                                  name=f'layers_{i}')(x, x_k, x_v, mask, deterministic)
+    offset = abs(tk - x.shape[1]) if self.attn_mask else None
+    make = lambda **kw: TransformerEncoderLayer(self.embed_dim, self.num_heads, self.attn_dropout,
+                                                self.relu_dropout, self.res_dropout, **kw)
+    names = [f'layers_{i}' for i in range(self.layers)]
+    if self.last_only:    # the final layer computes the last position only
+      x = scan_layers(self, make, names[:-1], x, x_k, x_v, offset, deterministic=deterministic)
+      x = make(name=names[-1])(x, x_k, x_v, offset, deterministic, last_only=True)
+    else:
+      x = scan_layers(self, make, names, x, x_k, x_v, offset, deterministic=deterministic)
     return layer_norm('layer_norm')(x)

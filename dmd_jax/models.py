@@ -32,7 +32,7 @@ class DMD(nn.Module):
   """Decoupled Multimodal Distilling network with its two GD-Units."""
   config: DMDConfig
 
-  def _transformer(self, kind: str, name: str) -> TransformerEncoder:
+  def _transformer(self, kind: str, name: str, last_only: bool = False) -> TransformerEncoder:
     """get_network(): width and attention dropout by transformer type (spec §2.5 item 6)."""
     cfg = self.config
     rate = {'l': cfg.attn_dropout, 'al': cfg.attn_dropout, 'vl': cfg.attn_dropout,
@@ -44,7 +44,8 @@ class DMD(nn.Module):
         embed_dim=2 * cfg.d if mem else cfg.d, num_heads=cfg.num_heads,
         layers=max(cfg.nlevels, 3) if mem else cfg.nlevels, attn_dropout=rate,
         relu_dropout=cfg.relu_dropout, res_dropout=cfg.res_dropout,
-        embed_dropout=cfg.embed_dropout, attn_mask=cfg.attn_mask, name=name)
+        embed_dropout=cfg.embed_dropout, attn_mask=cfg.attn_mask, last_only=last_only,
+        name=name)
 
   @nn.compact
   def __call__(self, text: jax.Array, audio: jax.Array, vision: jax.Array, *,
@@ -84,7 +85,7 @@ class DMD(nn.Module):
 
     # 9. Self-attention on common features, last step, residual head.
     c_fusion = jnp.concatenate(
-        [self._transformer(m, f'self_attentions_c_{m}')(c[m], deterministic=det)[:, -1]
+        [self._transformer(m, f'self_attentions_c_{m}', True)(c[m], deterministic=det)[:, -1]
          for m in 'lva'], axis=-1)                                      # (B, 3d)
     out['logits_c'], _, _ = _residual_head(c_fusion, 3 * d, 3 * d,
                                            ('proj1_c', 'proj2_c', 'out_layer_c'),
@@ -96,7 +97,7 @@ class DMD(nn.Module):
     for m, (o1, o2) in (('l', 'av'), ('a', 'lv'), ('v', 'la')):
       cross = [self._transformer(m + o, f'trans_{m}_with_{o}')(s[m], s[o], deterministic=det)
                for o in (o1, o2)]
-      h = self._transformer('mem', f'trans_{m}_mem')(jnp.concatenate(cross, axis=-1),
+      h = self._transformer('mem', f'trans_{m}_mem', True)(jnp.concatenate(cross, axis=-1),
                                                      deterministic=det)
       last_h[m] = out[f'last_h_{m}'] = h[:, -1]                          # (B, 2d)
     for m in 'lva':
