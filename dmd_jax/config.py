@@ -19,6 +19,7 @@ from typing import Any, Mapping
 import numpy as np
 
 MODALITIES = ('l', 'v', 'a')
+DROPOUT_RNGS = ('hash', 'threefry')  # dmd_jax/rng.py
 DROPOUT_FIELDS = ('attn_dropout', 'attn_dropout_a', 'attn_dropout_v', 'relu_dropout',
                   'embed_dropout', 'res_dropout', 'output_dropout', 'text_dropout')  # Node order of both GD-Units (spec §1.4: to_idx = from_idx = [0,1,2]).
 
@@ -156,8 +157,8 @@ class DMDConfig:
     for name in ('gd_prior_homo', 'gd_prior_hetero'):
       if len(getattr(self, name)) != 6:
         fail(name, 'needs six values, one per directed edge')
-    if self.dropout_rng not in ('hash', 'threefry'):
-      fail('dropout_rng', f"must be 'hash' or 'threefry', got {self.dropout_rng!r}")
+    if self.dropout_rng not in DROPOUT_RNGS:
+      fail('dropout_rng', f'must be one of {DROPOUT_RNGS}, got {self.dropout_rng!r}')
     for name in DROPOUT_FIELDS:
       if not 0.0 <= getattr(self, name) < 1.0:
         fail(name, f'dropout rate must be in [0, 1), got {getattr(self, name)}')

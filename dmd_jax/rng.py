@@ -25,8 +25,9 @@ import jax
 import jax.numpy as jnp
 from jax.extend import random as jex_random
 
+from dmd_jax.config import DROPOUT_RNGS
+
 _THREEFRY = jex_random.threefry_prng_impl
-DROPOUT_RNGS = ('hash', 'threefry')
 
 
 def _mix(x: jax.Array) -> jax.Array:
