@@ -39,6 +39,7 @@ def get_config(alignment: str = 'aligned') -> ml_collections.ConfigDict:
   m.text_dropout = 0.5           # on the BERT output
   m.attn_mask = True             # offset causal masks in every transformer
   m.dropout_rng = 'hash'         # fast counter-based dropout masks; 'threefry' = JAX default
+  m.compute_dtype = 'float32'    # 'bfloat16': bf16 matmuls, float32 params/optimizer/losses
 
   c.batch_size = 16              # reference batch size (train/valid/test)
   c.learning_rate = 1e-4         # Adam, one rate for every parameter (BERT included)

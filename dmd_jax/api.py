@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from dmd_jax import precision
 from dmd_jax.config import DMDConfig
 from dmd_jax.losses import dmd_losses
 from dmd_jax.models import DMD
@@ -28,6 +29,16 @@ from dmd_jax.rng import dropout_key
 PyTree = Any
 Batch = Mapping[str, jax.Array]
 BATCH_KEYS = ('text', 'audio', 'vision', 'labels')
+
+
+def compiler_options() -> Optional[dict[str, str]]:
+  """XLA options for the train and eval steps (top-level jits only). On CPU the fast-compile
+  preset: ~10% less compile time and no slower steps here (MOSI unaligned, batch 16, 2-core
+  CPU: train step compile 62 -> 57 s, 7.1-7.2 s per step either way); the matmuls run in the
+  same library kernels."""
+  if jax.default_backend() == 'cpu':
+    return {'xla_cpu_opt_preset': 'CPU_OPT_PRESET_FAST_COMPILE'}
+  return None
 
 
 def build_model(config: DMDConfig) -> DMD:
@@ -52,7 +63,8 @@ def random_batch(cfg, batch_size: int, seed: int = 0) -> dict[str, jax.Array]:
   _, da, dv = cfg.feature_dims
   n_tok = rs.integers(5, t + 1, batch_size)
   mask = (np.arange(t)[None] < n_tok[:, None]).astype(np.float32)
-  ids = rs.integers(1000, min(cfg.bert.vocab_size, 30000), (batch_size, t)) * mask
+  vocab = cfg.bert.vocab_size     # ids above the special tokens (1000+ in bert-base)
+  ids = rs.integers(min(1000, vocab // 2), min(vocab, 30000), (batch_size, t)) * mask
   text = np.stack([ids, mask, np.zeros_like(mask)], axis=1).astype(np.float32)
 
   def feats(length, dim):
@@ -90,8 +102,13 @@ def forward(params: PyTree, batch: Batch, config: DMDConfig, *, rng: Optional[ja
   rngs = {'dropout': dropout_key(rng, config.dropout_rng)} if rng is not None else {}
   if train and rng is None and config.has_dropout:
     raise ValueError('train=True with non-zero dropout needs an rng key (rng=...)')
-  return DMD(config).apply({'params': params}, batch['text'], batch['audio'], batch['vision'],
-                           train=train, rngs=rngs)
+  audio, vision = batch['audio'], batch['vision']
+  dtype = precision.compute_dtype(config)
+  if dtype != jnp.float32:   # bf16 compute on a cast copy; gradients still reach f32 params
+    params, audio, vision = precision.cast_floating((params, audio, vision), dtype)
+  out = DMD(config).apply({'params': params}, batch['text'], audio, vision, train=train,
+                          rngs=rngs)
+  return precision.cast_floating(out, jnp.float32)
 
 
 def compute_loss(params: PyTree, batch: Batch, config: DMDConfig, *,
@@ -149,4 +166,4 @@ def train_step(state: TrainState, batch: Batch, rng: jax.Array, *, config: DMDCo
 def make_train_step(config: DMDConfig, *, train: bool = True, donate: bool = True):
   """`train_step` jitted once for `config` (the state is donated unless donate=False)."""
   fn = functools.partial(train_step, config=config, train=train)
-  return jax.jit(fn, donate_argnums=(0,) if donate else ())
+  return jax.jit(fn, donate_argnums=(0,) if donate else (), compiler_options=compiler_options())

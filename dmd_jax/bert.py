@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dmd_jax.config import BertConfig
-from dmd_jax.layers import LayerNorm, scan_layers
+from dmd_jax.layers import LayerNorm
 
 PyTree = Any
 _INIT = nn.initializers.normal(0.02)  # HF's initializer_range; only used without pretrained weights.
@@ -57,7 +57,7 @@ class _SelfAttention(nn.Module):
     v = split(_dense(cfg.hidden_size, 'value')(x))
     scores = jnp.einsum('bqhd,bkhd->bhqk', q, k) * (hd ** -0.5)
     scores = jnp.where(allowed, scores, jnp.finfo(scores.dtype).min)
-    probs = jax.nn.softmax(scores, axis=-1)
+    probs = jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(v.dtype)
     probs = nn.Dropout(cfg.attention_probs_dropout_prob)(probs, deterministic=deterministic)
     return jnp.einsum('bhqk,bkhd->bqhd', probs, v).reshape(b, t, cfg.hidden_size)
 
@@ -128,9 +128,12 @@ class _Encoder(nn.Module):
 
   @nn.compact
   def __call__(self, x, allowed, deterministic):
-    names = [f'layer_{i}' for i in range(self.config.num_hidden_layers)]
-    return scan_layers(self, lambda **kw: _Layer(self.config, **kw), names, x, allowed,
-                       deterministic=deterministic)
+    # A plain loop, not layers.scan_layers: stacking bert-base's 85M layer parameters for a scan
+    # costs more per step (3.9-4.1 s vs 3.4-3.5 s, MOSI aligned, batch 16, 2-core CPU) than the
+    # scan saves in compile time (none measurable here).
+    for i in range(self.config.num_hidden_layers):
+      x = _Layer(self.config, name=f'layer_{i}')(x, allowed, deterministic)
+    return x
 
 
 class BertModel(nn.Module):

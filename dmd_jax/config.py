@@ -18,10 +18,11 @@ from typing import Any, Mapping
 
 import numpy as np
 
-MODALITIES = ('l', 'v', 'a')
+MODALITIES = ('l', 'v', 'a')  # Node order of both GD-Units (spec §1.4: to_idx = from_idx = [0,1,2]).
 DROPOUT_RNGS = ('hash', 'threefry')  # dmd_jax/rng.py
+COMPUTE_DTYPES = ('float32', 'bfloat16')  # dmd_jax/precision.py
 DROPOUT_FIELDS = ('attn_dropout', 'attn_dropout_a', 'attn_dropout_v', 'relu_dropout',
-                  'embed_dropout', 'res_dropout', 'output_dropout', 'text_dropout')  # Node order of both GD-Units (spec §1.4: to_idx = from_idx = [0,1,2]).
+                  'embed_dropout', 'res_dropout', 'output_dropout', 'text_dropout')
 
 
 def _prior(logits, temperature: float = 0.25) -> tuple[float, ...]:
@@ -132,6 +133,9 @@ class DMDConfig:
   margin_scale: float = 0.15     # Hinge margin per unit of label difference.
   # Execution: which generator draws the dropout masks (dmd_jax/rng.py).
   dropout_rng: str = 'hash'      # dropout masks from dmd_jax.rng.HASH_IMPL, or 'threefry'.
+  # 'bfloat16': matmuls and activations in bf16; parameters, optimizer state, LayerNorm, softmax,
+  # GD-Units and losses stay float32 (dmd_jax/precision.py).
+  compute_dtype: str = 'float32'
 
   def __post_init__(self):
     def fail(field, msg):
@@ -159,6 +163,8 @@ class DMDConfig:
         fail(name, 'needs six values, one per directed edge')
     if self.dropout_rng not in DROPOUT_RNGS:
       fail('dropout_rng', f'must be one of {DROPOUT_RNGS}, got {self.dropout_rng!r}')
+    if self.compute_dtype not in COMPUTE_DTYPES:
+      fail('compute_dtype', f'must be one of {COMPUTE_DTYPES}, got {self.compute_dtype!r}')
     for name in DROPOUT_FIELDS:
       if not 0.0 <= getattr(self, name) < 1.0:
         fail(name, f'dropout rate must be in [0, 1), got {getattr(self, name)}')
@@ -228,7 +234,7 @@ def reference_config(dataset: str = 'mosi', aligned: bool = True,
 
 
 _RUN_MODEL_KEYS = ('d', 'num_heads', 'nlevels', 'kernel_sizes', 'attn_mask',
-                   'dropout_rng') + DROPOUT_FIELDS
+                   'dropout_rng', 'compute_dtype') + DROPOUT_FIELDS
 
 
 def from_run_config(run: Mapping[str, Any], bert: BertConfig) -> DMDConfig:

@@ -57,6 +57,7 @@ class GDUnit(nn.Module):
   @nn.compact
   def __call__(self, logits: jax.Array, reprs: jax.Array) -> jax.Array:
     """logits: (3, B, 1), reprs: (3, B, D), stacked in modality order (l, v, a)."""
+    logits, reprs = logits.astype(jnp.float32), reprs.astype(jnp.float32)  # f32 under bf16
     z = jnp.concatenate([Linear(self.gd_size, name='W_logit')(logits),
                          Linear(self.gd_size, name='W_repr')(reprs)], axis=-1)
     raw = EdgeScorer(name='W_edge')(z[STUDENT], z[TEACHER])  # (6, B)

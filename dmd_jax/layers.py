@@ -11,6 +11,7 @@ encoder of MulT as used by DMD (spec §2.5-§2.6), quirks included:
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Callable, Optional
 
@@ -67,13 +68,33 @@ class LayerNorm(nn.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     scale = self.param('scale', nn.initializers.ones, (x.shape[-1],))
     bias = self.param('bias', nn.initializers.zeros, (x.shape[-1],))
-    centred = x - jnp.mean(x, axis=-1, keepdims=True)
+    x32 = x.astype(jnp.float32)                 # statistics and affine in float32 under bf16
+    centred = x32 - jnp.mean(x32, axis=-1, keepdims=True)
     var = jnp.mean(centred * centred, axis=-1, keepdims=True)
-    return centred * jax.lax.rsqrt(var + self.epsilon) * scale + bias
+    y = centred * jax.lax.rsqrt(var + self.epsilon) * scale.astype(jnp.float32) + bias.astype(
+        jnp.float32)
+    return y.astype(x.dtype)
 
 
 def layer_norm(name: str, eps: float = LN_EPS) -> LayerNorm:
   return LayerNorm(epsilon=eps, name=name)
+
+
+# Trace-time switches for the two loops below (on by default). XLA's cost analysis counts a loop
+# body once, so `unrolled_loops()` traces them unrolled to count a step's FLOPs (benchmark.py).
+_LOOPS = {'scan_layers': True, 'map_heads': True}
+
+
+@contextlib.contextmanager
+def unrolled_loops():
+  """Within this context, newly traced models run layers and attention heads unrolled (same
+  values; more code, so only for analysis such as FLOP counting)."""
+  saved = dict(_LOOPS)
+  _LOOPS.update(scan_layers=False, map_heads=False)
+  try:
+    yield
+  finally:
+    _LOOPS.update(saved)
 
 
 def scan_layers(parent: nn.Module, make_layer: Callable[..., nn.Module], names: list[str],
@@ -86,7 +107,7 @@ def scan_layers(parent: nn.Module, make_layer: Callable[..., nn.Module], names: 
   layer (about 4x less code for XLA). `make_layer(name=..., parent=...)` builds a layer module;
   it is called as layer(x, *args, deterministic). Dropout keys are split per layer.
   """
-  if parent.is_initializing() or len(names) < 2:
+  if parent.is_initializing() or len(names) < 2 or not _LOOPS['scan_layers']:
     for name in names:
       x = make_layer(name=name)(x, *args, deterministic)
     return x
@@ -186,7 +207,7 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal_offset: Option
   heads = [x.transpose(2, 0, 1, 3) for x in (q, k, v)]                 # (H, B, T, hd)
   keys = (jax.random.split(rng, q.shape[2]) if use_dropout
           else jnp.zeros((q.shape[2],), jnp.uint32))
-  if tq * tk >= LOOP_MIN_SCORES:
+  if tq * tk >= LOOP_MIN_SCORES and _LOOPS['map_heads']:
     out = jax.lax.map(jax.checkpoint(lambda a: one_head(*a)), (*heads, keys))
   else:
     out = jax.vmap(one_head)(*heads, keys)

@@ -73,7 +73,8 @@ class Steps:
     self.split = NamedSharding(mesh, P('data'))
     train = functools.partial(api.train_step, config=cfg, train=True)
     self.train = jax.jit(train, in_shardings=(self.replicated, self.split, self.replicated),
-                         out_shardings=(self.replicated, self.replicated), donate_argnums=(0,))
+                         out_shardings=(self.replicated, self.replicated), donate_argnums=(0,),
+                         compiler_options=api.compiler_options())
 
     def evaluate(params, batch):
       out = api.forward(params, batch, cfg, train=False)
@@ -82,7 +83,7 @@ class Steps:
               'homo': out['edges_homo'], 'hetero': out['edges_hetero']}
 
     self.eval = jax.jit(evaluate, in_shardings=(self.replicated, self.split),
-                        out_shardings=self.replicated)
+                        out_shardings=self.replicated, compiler_options=api.compiler_options())
 
     def reset_window(state):
       return state.replace(opt_state=optim.reset_window(state.opt_state))

@@ -15,10 +15,9 @@ import pathlib  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
-from dmd_jax.config import BertConfig, reference_config  # noqa: E402
+from dmd_jax.parity import FIXTURES, fixture_config  # noqa: E402
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-FIXTURES = ('mosi_aligned_small', 'mosei_unaligned_small')
 
 
 def parity_root():
@@ -38,14 +37,7 @@ class Fixture:
   def __init__(self, path: pathlib.Path):
     self.path = path
     self.variant = json.loads((path / 'variant.json').read_text())
-    v = self.variant
-    bert = BertConfig.from_json_file(str(path / 'bert' / 'config.json'))
-    self.config = reference_config(
-        v['dataset'], v['aligned'], bert=bert, d=v['dst_feature_dim'], num_heads=v['nheads'],
-        nlevels=v['nlevels'], attn_mask=v['attn_mask'],
-        kernel_sizes=tuple(v['conv1d_kernel_sizes_lav']),
-        feature_dims=tuple(v['feature_dims']), seq_lens=tuple(v['seq_lens_tav'])
-    ).without_dropout()  # the fixtures ran the reference in .eval()
+    self.config = fixture_config(str(path))  # dropout off: the fixtures ran in .eval()
 
   def npz(self, name):
     with np.load(self.path / name) as z:

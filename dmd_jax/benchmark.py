@@ -1,0 +1,342 @@
+r"""Training and inference speed, compile time and memory of DMD at the reference sizes.
+
+    python -m dmd_jax.benchmark                                   # the whole table (CPU ~15 min)
+    python -m dmd_jax.benchmark --settings=mosi_aligned --batch_sizes=16
+    python -m dmd_jax.benchmark --dtype=bfloat16 --jsonl=bench.jsonl --markdown=bench.md
+    python -m dmd_jax.benchmark --drift_dir=../shared/parity --dtype=bfloat16   # precision drift
+
+Every case is one setting (dataset x alignment, the released hyper-parameters and sequence
+lengths) at one global batch size, with a bert-base-sized text encoder (768 wide, 12 layers) of
+random weights and random inputs in the MMSA layout. The steps are the ones training uses
+(`train.Steps`: jit over a mesh of every local device, batch split on 'data', state donated), with
+an accumulation window of 2 so that steps alternate between the two kinds:
+  - micro-step: forward, every loss, backward, clipped accumulation (the common step);
+  - update step: the same plus the Adam update that closes a window (once per `update_epochs`).
+Measured per case: train compile (lower + compile, before the first step), the median micro-step
+and update step after one warm-up of each, eval compile and eval throughput, and peak memory
+(host RSS of the process on CPU, the high-water mark of device memory elsewhere). Achieved FLOP/s
+use XLA's count of the micro-step's FLOPs (traced with loops unrolled, since XLA counts a loop body
+once; rematerialised work is not counted) and are printed on accelerators or with --count_flops.
+
+Each setting runs in its own subprocess (a clean memory high-water mark and no shared caches);
+batch sizes run in increasing order inside it. One JSON line per case goes to stdout (and
+--jsonl); a Markdown table follows (and goes to --markdown).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from typing import Any, Optional, Sequence
+
+from absl import app, flags, logging
+
+SETTINGS = ('mosi_aligned', 'mosi_unaligned', 'mosei_aligned', 'mosei_unaligned')
+# Dense peak TFLOP/s per chip by JAX device_kind, for the utilisation column: (float32 matmuls
+# as JAX runs them by default (TF32 tensor cores on NVIDIA), bfloat16). Unknown chips get none.
+PEAK_TFLOPS = {
+    'NVIDIA H100 80GB HBM3': (494.7, 989.4),   # H100 SXM5 datasheet, dense
+    'NVIDIA H200': (494.7, 989.4),
+    'NVIDIA A100-SXM4-80GB': (156.0, 312.0),
+    'NVIDIA A100-SXM4-40GB': (156.0, 312.0),
+    'TPU v4': (275.0, 275.0),
+    'TPU v5 lite': (197.0, 197.0),
+    'TPU v5p': (459.0, 459.0),
+}
+
+_SETTINGS = flags.DEFINE_list('settings', list(SETTINGS), f'Settings to run, from {SETTINGS}.')
+_BATCH_SIZES = flags.DEFINE_list('batch_sizes', ['16', '32'],
+                                 'Global batch sizes (16 is the reference\'s).')
+_DTYPE = flags.DEFINE_enum('dtype', 'float32', ['float32', 'bfloat16'],
+                           'Compute dtype (parameters and optimizer state stay float32).')
+_REPEATS = flags.DEFINE_integer('repeats', 2, 'Timed micro-steps per case (and repeats - 1 '
+                                'timed update steps, at least one).')
+_EVAL_BATCHES = flags.DEFINE_integer('eval_batches', 3, 'Timed eval batches per case.')
+_COUNT_FLOPS = flags.DEFINE_boolean('count_flops', None, 'Count FLOPs and report achieved '
+                                    'FLOP/s (default: on for accelerators, off on CPU).')
+_JSONL = flags.DEFINE_string('jsonl', None, 'Also append the JSON lines to this file.')
+_MARKDOWN = flags.DEFINE_string('markdown', None, 'Also write the Markdown table to this file.')
+_DRIFT_DIR = flags.DEFINE_string('drift_dir', None, 'Instead of timing: report how far --dtype '
+                                  'drifts from the float32 reference on the parity fixtures in '
+                                  'this folder (shared/parity).')
+_CHILD = flags.DEFINE_string('child', None, 'Internal: run one setting in this process.')
+
+
+def hardware() -> dict[str, Any]:
+  import jax
+  dev = jax.devices()[0]
+  info = {'platform': dev.platform, 'device_kind': dev.device_kind,
+          'devices': jax.device_count(), 'processes': jax.process_count(),
+          'host_cpus': os.cpu_count(), 'jax': jax.__version__}
+  try:
+    import jaxlib
+    info['jaxlib'] = jaxlib.__version__
+  except ImportError:
+    pass
+  if dev.platform == 'cpu':
+    info['device_kind'] = _cpu_model()
+  return info
+
+
+def _cpu_model() -> str:
+  try:
+    with open('/proc/cpuinfo') as f:
+      for line in f:
+        if line.startswith('model name'):
+          return line.split(':', 1)[1].strip()
+  except OSError:
+    pass
+  return platform.processor() or 'cpu'
+
+
+def _reset_peak_rss() -> bool:
+  """Resets the kernel's RSS high-water mark of this process (Linux >= 4.0)."""
+  try:
+    with open('/proc/self/clear_refs', 'w') as f:
+      f.write('5')
+    return True
+  except OSError:
+    return False
+
+
+def _peak_rss_bytes() -> Optional[int]:
+  try:
+    with open('/proc/self/status') as f:
+      for line in f:
+        if line.startswith('VmHWM:'):
+          return int(line.split()[1]) * 1024
+  except OSError:
+    pass
+  import resource
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def _peak_device_bytes() -> Optional[int]:
+  import jax
+  stats = [d.memory_stats() or {} for d in jax.local_devices()]
+  peaks = [s.get('peak_bytes_in_use') for s in stats]
+  return max(peaks) if peaks and all(p is not None for p in peaks) else None
+
+
+def _timed(fn, *args):
+  import jax
+  t0 = time.perf_counter()
+  out = fn(*args)
+  jax.block_until_ready(out)
+  return out, time.perf_counter() - t0
+
+
+def step_flops(cfg, state, batch, key) -> Optional[float]:
+  """XLA's FLOP count of one micro-step, traced with every loop unrolled."""
+  import jax
+  from dmd_jax import api, layers
+  with layers.unrolled_loops():
+    fn = jax.jit(lambda s, b, k: api.train_step(s, b, k, config=cfg))
+    cost = fn.lower(state, batch, key).cost_analysis()
+  if isinstance(cost, (list, tuple)):
+    cost = cost[0] if cost else None
+  return float(cost['flops']) if cost and 'flops' in cost else None
+
+
+def run_setting(setting: str, batch_sizes: Sequence[int], *, dtype: str = 'float32',
+                repeats: int = 2, eval_batches: int = 3, count_flops: bool = False,
+                bert=None, **overrides) -> list[dict[str, Any]]:
+  """Runs the cases of one setting in this process; returns one record per batch size.
+
+  `bert` replaces the bert-base-sized encoder and `overrides` any DMDConfig field (tests use a
+  tiny network)."""
+  import jax
+  import numpy as np
+  import dmd_jax
+  from dmd_jax import api, optim
+  from dmd_jax.train import Steps, make_mesh
+
+  if setting not in SETTINGS:
+    raise ValueError(f'--settings: unknown setting {setting!r}; choose from {SETTINGS}')
+  if repeats < 1 or eval_batches < 1:
+    raise ValueError(f'--repeats ({repeats}) and --eval_batches ({eval_batches}) must be >= 1')
+  dataset, alignment = setting.split('_')
+  cfg = dmd_jax.reference_config(dataset, aligned=alignment == 'aligned', bert=bert,
+                                 compute_dtype=dtype, **overrides)
+  mesh = make_mesh()
+  n_dev = mesh.devices.size
+  for b in batch_sizes:
+    if b < 1 or b % n_dev:
+      raise ValueError(f'--batch_sizes: {b} is not a positive multiple of the {n_dev} devices')
+  hw = hardware()
+  t0 = time.perf_counter()
+  params = jax.block_until_ready(api.init_params(cfg, jax.random.key(0)))
+  init_s = time.perf_counter() - t0
+  n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
+  steps = Steps(cfg, mesh)
+  records = []
+  for bsz in sorted(batch_sizes):
+    _reset_peak_rss()
+    # Window of 2: the steps alternate micro-step, update step (identical code to window 10).
+    state = steps.replicate(api.create_train_state(params, optim.reference_optimizer(
+        update_epochs=2)))
+    host = {k: np.asarray(v) for k, v in api.random_batch(cfg, bsz).items()}
+    batch = steps.put(host)
+    key = steps.key(0)
+
+    t0 = time.perf_counter()
+    train = steps.train.lower(state, batch, key).compile()
+    compile_s = time.perf_counter() - t0
+    micro, update = [], []
+    (state, _), first_s = _timed(train, state, batch, key)   # micro-step 1 (warm-up)
+    (state, _), _ = _timed(train, state, batch, key)         # update step 1 (warm-up)
+    for i in range(max(2 * repeats - 1, 2)):     # micro, update, micro, ...: `repeats` micro
+      (state, metrics), dt = _timed(train, state, batch, key)
+      (micro if i % 2 == 0 else update).append(dt)
+    loss = float(jax.device_get(metrics['total']))
+    flops = step_flops(cfg, state, batch, key) if count_flops else None
+    del state
+
+    eval_batch = steps.put(dict(host, mask=np.ones(bsz, np.float32),
+                                index=np.arange(bsz, dtype=np.int32)),
+                           api.BATCH_KEYS + ('mask', 'index'))
+    t0 = time.perf_counter()
+    evaluate = steps.eval.lower(params, eval_batch).compile()
+    eval_compile_s = time.perf_counter() - t0
+    _timed(evaluate, params, eval_batch)
+    eval_times = [_timed(evaluate, params, eval_batch)[1] for _ in range(eval_batches)]
+
+    micro_s, update_s, eval_s = (statistics.median(x) for x in (micro, update, eval_times))
+    rec = dict(hw, setting=setting, dataset=dataset, aligned=cfg.aligned, seq_lens=cfg.seq_lens,
+               batch_size=bsz, dtype=dtype, text_encoder=f'{cfg.bert.hidden_size}x'
+               f'{cfg.bert.num_hidden_layers} (random)', params=n_params,
+               init_s=round(init_s, 2), compile_s=round(compile_s, 2),
+               first_step_s=round(first_s, 3), micro_step_s=round(micro_s, 4),
+               update_step_s=round(update_s, 4),
+               train_samples_per_s=round(bsz / micro_s, 2),
+               eval_compile_s=round(eval_compile_s, 2), eval_step_s=round(eval_s, 4),
+               eval_samples_per_s=round(bsz / eval_s, 2), loss=round(loss, 4),
+               timed_micro_steps=len(micro), timed_update_steps=len(update))
+    if hw['platform'] == 'cpu':
+      rec['peak_host_rss_gib'] = round(_peak_rss_bytes() / 2**30, 3)
+    else:
+      peak = _peak_device_bytes()
+      rec['peak_device_gib'] = None if peak is None else round(peak / 2**30, 3)
+    if flops is not None:
+      rec['step_tflop'] = round(flops / 1e12, 4)
+      rec['achieved_tflops'] = round(flops / micro_s / 1e12, 3)
+      peak_t = PEAK_TFLOPS.get(hw['device_kind'])
+      if peak_t is not None:
+        chip = peak_t[1] if dtype == 'bfloat16' else peak_t[0]
+        rec['peak_tflops'] = round(chip * hw['devices'], 1)
+        rec['utilisation'] = round(rec['achieved_tflops'] / rec['peak_tflops'], 4)
+    records.append(rec)
+  return records
+
+
+def markdown_table(records: Sequence[dict[str, Any]]) -> str:
+  """The records as a Markdown table (memory and FLOP/s columns as available)."""
+  mem = 'peak_host_rss_gib' if any('peak_host_rss_gib' in r for r in records) else \
+      'peak_device_gib'
+  cols = [('setting', 'setting'), ('batch_size', 'batch'), ('dtype', 'dtype'),
+          ('devices', 'devices'), ('compile_s', 'compile (s)'),
+          ('micro_step_s', 'micro-step (s)'), ('update_step_s', 'update step (s)'),
+          ('train_samples_per_s', 'train samples/s'), ('eval_samples_per_s', 'eval samples/s'),
+          (mem, 'peak host RSS (GiB)' if mem == 'peak_host_rss_gib' else
+           'peak device memory (GiB)')]
+  if any('achieved_tflops' in r for r in records):
+    cols += [('achieved_tflops', 'TFLOP/s'), ('utilisation', 'of peak')]
+  lines = ['| ' + ' | '.join(c[1] for c in cols) + ' |',
+           '|' + '|'.join('---' for _ in cols) + '|']
+  for r in records:
+    cells = []
+    for key, _ in cols:
+      v = r.get(key)
+      if key == 'utilisation' and v is not None:
+        v = f'{100 * v:.1f}%'
+      cells.append('—' if v is None else str(v))
+    lines.append('| ' + ' | '.join(cells) + ' |')
+  return '\n'.join(lines)
+
+
+def drift_table(root: str, dtype: str) -> str:
+  """Markdown: per parity fixture, the largest relative deviations of `dtype` outputs and losses
+  from the reference's float32 results (dmd_jax.parity.drift)."""
+  from dmd_jax import parity
+  lines = [f'| fixture | dtype | prediction (output_logit) | edges homo / hetero | worst output | '
+           f'total loss | worst loss term |', '|---|---|---|---|---|---|---|']
+  for name in parity.FIXTURES:
+    d = parity.drift(os.path.join(root, name), dtype)
+    out, loss = d['outputs'], d['losses']
+    worst_o = max(out, key=out.get)
+    worst_l = max(loss, key=loss.get)
+    lines.append(f"| {name} | {dtype} | {out['output_logit']:.2e} | {out['edges_homo']:.2e} / "
+                 f"{out['edges_hetero']:.2e} | {out[worst_o]:.2e} ({worst_o}) | "
+                 f"{loss['total']:.2e} | {loss[worst_l]:.2e} ({worst_l}) |")
+  return '\n'.join(lines)
+
+
+def _batch_sizes() -> list[int]:
+  try:
+    return [int(b) for b in _BATCH_SIZES.value]
+  except ValueError as e:
+    raise app.UsageError(f'--batch_sizes must be integers, got {_BATCH_SIZES.value}') from e
+
+
+def _child(setting: str) -> None:
+  import jax
+  count = _COUNT_FLOPS.value
+  if count is None:
+    count = jax.devices()[0].platform != 'cpu'
+  for rec in run_setting(setting, _batch_sizes(), dtype=_DTYPE.value, repeats=_REPEATS.value,
+                         eval_batches=_EVAL_BATCHES.value, count_flops=count):
+    print('BENCH ' + json.dumps(rec), flush=True)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  if not flags.FLAGS['verbosity'].present:
+    logging.set_verbosity(logging.WARNING)
+  if _CHILD.value:
+    _child(_CHILD.value)
+    return
+  if _DRIFT_DIR.value:
+    table = drift_table(_DRIFT_DIR.value, _DTYPE.value)
+    print(table)
+    if _MARKDOWN.value:
+      from dmd_jax.train import write_text
+      write_text(_MARKDOWN.value, table + '\n')
+    return
+  unknown = [s for s in _SETTINGS.value if s not in SETTINGS]
+  if unknown:
+    raise app.UsageError(f'--settings: unknown {unknown}; choose from {list(SETTINGS)}')
+  _batch_sizes()
+  passthrough = [a for a in sys.argv[1:] if not a.startswith(('--settings', '--jsonl',
+                                                              '--markdown'))]
+  records = []
+  for setting in _SETTINGS.value:
+    cmd = [sys.executable, '-m', 'dmd_jax.benchmark', f'--child={setting}', *passthrough]
+    proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    found = [json.loads(line[6:]) for line in proc.stdout.splitlines()
+             if line.startswith('BENCH ')]
+    if proc.returncode:
+      sys.stderr.write(proc.stderr[-4000:])
+      raise SystemExit(f'benchmark of {setting} failed (exit {proc.returncode}); '
+                       f'command: {" ".join(cmd)}')
+    for rec in found:
+      line = json.dumps(rec)
+      print(line, flush=True)
+      if _JSONL.value:
+        with open(_JSONL.value, 'a') as f:
+          f.write(line + '\n')
+    records += found
+  table = markdown_table(records)
+  print('\n' + table)
+  if _MARKDOWN.value:
+    from dmd_jax.train import write_text
+    write_text(_MARKDOWN.value, table + '\n')
+
+
+if __name__ == '__main__':
+  app.run(main)

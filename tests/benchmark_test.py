@@ -1,0 +1,48 @@
+"""The benchmark command's measurements on a tiny network (the real table is bert-base-sized and
+runs for minutes; see README, Performance)."""
+
+import json
+import math
+
+import jax
+import pytest
+
+import dmd_jax
+from dmd_jax import benchmark
+
+TINY = dict(bert=dmd_jax.BertConfig.tiny(), d=8, num_heads=2, nlevels=1)
+
+
+def test_run_setting_measures_a_case():
+  n = jax.device_count()
+  (rec,) = benchmark.run_setting('mosei_unaligned', [n], repeats=1, eval_batches=1,
+                                 count_flops=True, **TINY)
+  json.dumps(rec)                                         # one JSON line per case
+  assert rec['setting'] == 'mosei_unaligned' and rec['seq_lens'] == (50, 500, 500)
+  assert rec['batch_size'] == n and rec['devices'] == n and rec['dtype'] == 'float32'
+  assert rec['platform'] == 'cpu' and rec['jax'] == jax.__version__
+  for key in ('compile_s', 'first_step_s', 'micro_step_s', 'update_step_s', 'eval_step_s',
+              'eval_compile_s', 'peak_host_rss_gib', 'step_tflop'):
+    assert rec[key] > 0, key
+  assert rec['timed_micro_steps'] == 1 and rec['timed_update_steps'] == 1
+  assert math.isclose(rec['train_samples_per_s'], n / rec['micro_step_s'], rel_tol=0.01)
+  assert math.isclose(rec['eval_samples_per_s'], n / rec['eval_step_s'], rel_tol=0.01)
+  assert math.isfinite(rec['loss'])
+  # One micro-step: forward + backward is at least 3x the forward matmuls of the text encoder
+  # alone (2 * tokens * its layer weights).
+  bert = TINY['bert']
+  per_token = bert.num_hidden_layers * (4 * bert.hidden_size ** 2
+                                        + 2 * bert.hidden_size * bert.intermediate_size)
+  assert rec['step_tflop'] * 1e12 > 3 * 2 * n * 50 * per_token
+  table = benchmark.markdown_table([rec, dict(rec, batch_size=2 * n)])
+  lines = table.splitlines()
+  assert len(lines) == 4 and lines[0].startswith('| setting | batch |')
+  assert '| mosei_unaligned | %d | float32 |' % n in lines[2]
+  assert 'TFLOP/s' in lines[0] and 'peak host RSS' in lines[0]
+
+
+def test_bad_arguments_are_named():
+  with pytest.raises(ValueError, match='unknown setting'):
+    benchmark.run_setting('mosi', [16])
+  with pytest.raises(ValueError, match='--batch_sizes: 3 is not a positive multiple'):
+    benchmark.run_setting('mosi_aligned', [3], **TINY)
