@@ -137,9 +137,13 @@ class TrainState(flax.struct.PyTreeNode):
   tx: optax.GradientTransformation = flax.struct.field(pytree_node=False)
 
   def apply_gradients(self, grads: PyTree) -> 'TrainState':
-    updates, opt_state = self.tx.update(grads, self.opt_state, self.params)
-    return self.replace(step=self.step + 1, params=optax.apply_updates(self.params, updates),
-                        opt_state=opt_state)
+    apply = getattr(self.tx, 'apply', None)     # optim.Accumulator: update fused into the step
+    if apply is not None:
+      params, opt_state = apply(grads, self.opt_state, self.params)
+    else:
+      updates, opt_state = self.tx.update(grads, self.opt_state, self.params)
+      params = optax.apply_updates(self.params, updates)
+    return self.replace(step=self.step + 1, params=params, opt_state=opt_state)
 
 
 def create_train_state(params: PyTree, tx: optax.GradientTransformation) -> TrainState:

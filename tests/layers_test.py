@@ -6,7 +6,8 @@ import numpy as np
 
 import pytest
 
-from dmd_jax.layers import TransformerEncoder, attention, future_mask, sinusoidal_positions
+from dmd_jax.layers import (ROW_BLOCKS, TransformerEncoder, _row_blocks, attention, future_mask,
+                            sinusoidal_positions)
 
 
 def test_positions_known_values_and_padding_rule():
@@ -48,9 +49,10 @@ def _naive_attention(q, k, v, offset):
 
 
 @pytest.mark.parametrize('tq,tk,masked', [(40, 40, True), (150, 150, True), (130, 170, True),
-                                          (170, 130, False)])
+                                          (170, 130, False), (170, 40, True)])
 def test_attention_blocked_paths_match_plain_softmax(tq, tk, masked):
-  # (150, 150) and the cross shapes take the per-head loop with row blocks; (40, 40) the vmap.
+  # (150, 150) and (130, 170) take the per-head loop with row blocks; (40, 40) the vmap;
+  # (170, 40) with offset 130 hides no key, so its mask is skipped.
   rs = np.random.default_rng(1)
   q, k, v = (jnp.asarray(rs.normal(size=(2, t, 3, 4)), jnp.float32) for t in (tq, tk, tk))
   offset = abs(tk - tq) if masked else None
@@ -61,6 +63,16 @@ def test_attention_blocked_paths_match_plain_softmax(tq, tk, masked):
   g2 = grad(lambda q, k, v: _naive_attention(q, k, v, offset))(q, k, v)
   for a, b in zip(g1, g2):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_row_blocks_only_where_they_skip_work():
+  # MOSI unaligned lengths after the convolutions: l 46, a 371, v 496 (offset = |tk - tq|).
+  assert _row_blocks(371, 371, 0, 0) == ROW_BLOCKS          # self-attention: a triangle
+  assert _row_blocks(371, 496, 0, 125) == ROW_BLOCKS        # a <- v: ~28% of scores skipped
+  assert _row_blocks(496, 371, 0, 125) == 1                 # v <- a: only ~8%
+  assert _row_blocks(46, 371, 0, 325) == 1                  # l <- a: small and nearly full
+  assert _row_blocks(371, 46, 0, 325) == 1                  # a <- l: nothing hidden
+  assert _row_blocks(496, 496, 0, None) == 1                # no mask
 
 
 def test_attention_dropout_keeps_expected_rate():

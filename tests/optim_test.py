@@ -49,3 +49,27 @@ def test_adam_matches_pytorch_formula_and_lr_is_settable():
   np.testing.assert_allclose(p, pn, rtol=1e-6)
   state = set_learning_rate(state, 5e-4)
   assert abs(get_learning_rate(state) - 5e-4) < 1e-10
+
+
+def test_fused_apply_equals_update_then_apply_updates():
+  """`apply` (used by TrainState) returns the parameters `update` + apply_updates would give,
+  and leaves them bit-identical (the same buffers' values) on accumulating micro-steps."""
+  tx = reference_optimizer(1e-2, update_epochs=2, grad_clip=0.6)
+  rs = np.random.default_rng(0)
+  params = {'w': jnp.asarray(rs.normal(size=(3, 2)), jnp.float32), 'b': jnp.ones(2)}
+  s_apply = s_update = tx.init(params)
+  p_apply = p_update = params
+  for i in range(4):
+    g = {k: jnp.asarray(rs.normal(size=v.shape), jnp.float32) for k, v in params.items()}
+    before = p_apply
+    p_apply, s_apply = tx.apply(g, s_apply, p_apply)
+    updates, s_update = tx.update(g, s_update, p_update)
+    p_update = optax.apply_updates(p_update, updates)
+    for k in params:
+      np.testing.assert_array_equal(p_apply[k], p_update[k])
+      if i % 2 == 0:                          # accumulating: parameters unchanged
+        np.testing.assert_array_equal(p_apply[k], before[k])
+      else:
+        assert np.any(np.asarray(p_apply[k]) != np.asarray(before[k]))
+    np.testing.assert_array_equal(s_apply.acc, s_update.acc)
+    np.testing.assert_array_equal(s_apply.inner.inner_state[0].mu, s_update.inner.inner_state[0].mu)
