@@ -102,7 +102,7 @@ def check_batch(batch: Batch) -> None:
 
 
 def forward(params: PyTree, batch: Batch, config: DMDConfig, *, rng: Optional[jax.Array] = None,
-            train: bool = False) -> dict[str, jax.Array]:
+            train: bool = False, step: Optional[jax.Array] = None) -> dict[str, jax.Array]:
   """Every forward output of the reference (batch-major) plus both edge matrices."""
   rngs = {'dropout': dropout_key(rng, config.dropout_rng)} if rng is not None else {}
   if train and rng is None and config.has_dropout:
@@ -112,13 +112,13 @@ def forward(params: PyTree, batch: Batch, config: DMDConfig, *, rng: Optional[ja
   if dtype != jnp.float32:   # bf16 compute on a cast copy; gradients still reach f32 params
     params, audio, vision = precision.cast_floating((params, audio, vision), dtype)
   out = DMD(config).apply({'params': params}, batch['text'], audio, vision, train=train,
-                          rngs=rngs)
+                          step=step, rngs=rngs)
   return precision.cast_floating(out, jnp.float32)
 
 
 def compute_loss(params: PyTree, batch: Batch, config: DMDConfig, *,
-                 rng: Optional[jax.Array] = None, train: bool = False
-                 ) -> tuple[jax.Array, dict[str, Any]]:
+                 rng: Optional[jax.Array] = None, train: bool = False,
+                 step: Optional[jax.Array] = None) -> tuple[jax.Array, dict[str, Any]]:
   """The DMD objective on one batch.
 
   Returns:
@@ -128,7 +128,7 @@ def compute_loss(params: PyTree, batch: Batch, config: DMDConfig, *,
     `edges_hetero` (B, 3, 3) indexed [source, target] in (l, v, a) order}.
   """
   check_batch(batch)
-  out = forward(params, batch, config, rng=rng, train=train)
+  out = forward(params, batch, config, rng=rng, train=train, step=step)
   terms = dmd_losses(out, batch['labels'], config)
   return terms['total'], {'losses': terms, 'outputs': out}
 
@@ -161,7 +161,7 @@ def train_step(state: TrainState, batch: Batch, rng: jax.Array, *, config: DMDCo
   when the window completes. Pure; dropout keys are `fold_in(rng, step)`."""
   key = jax.random.fold_in(rng, state.step)
   grad_fn = jax.value_and_grad(compute_loss, has_aux=True)
-  (_, aux), grads = grad_fn(state.params, batch, config, rng=key, train=train)
+  (_, aux), grads = grad_fn(state.params, batch, config, rng=key, train=train, step=state.step)
   metrics = dict(aux['losses'])
   for space in ('homo', 'hetero'):
     e = aux['outputs'][f'edges_{space}']                   # (B, 3, 3) per sample

@@ -14,13 +14,16 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from typing import Any, Mapping
+from typing import Any, Mapping, Optional
 
 import numpy as np
 
 MODALITIES = ('l', 'v', 'a')  # Node order of both GD-Units (spec §1.4: to_idx = from_idx = [0,1,2]).
 DROPOUT_RNGS = ('hash', 'threefry')  # dmd_jax/rng.py
 COMPUTE_DTYPES = ('float32', 'bfloat16')  # dmd_jax/precision.py
+DICT_POOLS = ('max', 'mean')                       # dmd_jax/dictionary.py
+DICT_ACTIVATIONS = ('sparsemax', 'softmax')
+DICT_LOSSES = ('label_hinge', 'infonce', 'edge_kl')
 DROPOUT_FIELDS = ('attn_dropout', 'attn_dropout_a', 'attn_dropout_v', 'relu_dropout',
                   'embed_dropout', 'res_dropout', 'output_dropout', 'text_dropout')
 
@@ -91,6 +94,56 @@ class BertConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class DictionaryConfig:
+  """DHMD's dictionary (dmd_jax/dictionary.py): one switch per inferred choice of the design
+  note (shared/spec/DHMD.md). The same settings serve both spaces."""
+  enabled: bool = True           # False: the DMD network and objective, exactly
+  num_atoms: int = 512           # K (the note's default; 256/1024 reported similar)
+  pool: str = 'max'              # temporal pooling of the atom scores: 'max' | 'mean'
+  activation: str = 'sparsemax'  # 'sparsemax' | 'softmax'
+  temperature: float = 2.0       # tau (fixed), or the start of the annealing
+  temperature_end: Optional[float] = None   # annealed linearly to this value ...
+  anneal_steps: int = 0                     # ... over this many micro-steps (0 = fixed tau)
+  stop_gradient: bool = False    # detach the dictionary inputs from the backbone
+  loss: str = 'label_hinge'      # 'label_hinge' | 'infonce' | 'edge_kl'
+  weight: float = 0.1            # weight of each space's matching loss in the total
+  kl_eps: float = 1e-6           # smoothing of the activations inside `edge_kl` (sparse zeros)
+
+  def __post_init__(self):
+    def fail(field, msg):
+      raise ValueError(f'DictionaryConfig.{field}: {msg}')
+    if self.num_atoms < 2:
+      fail('num_atoms', f'needs at least 2 atoms, got {self.num_atoms}')
+    if self.pool not in DICT_POOLS:
+      fail('pool', f'must be one of {DICT_POOLS}, got {self.pool!r}')
+    if self.activation not in DICT_ACTIVATIONS:
+      fail('activation', f'must be one of {DICT_ACTIVATIONS}, got {self.activation!r}')
+    if self.loss not in DICT_LOSSES:
+      fail('loss', f'must be one of {DICT_LOSSES}, got {self.loss!r}')
+    if self.temperature <= 0 or (self.temperature_end is not None and self.temperature_end <= 0):
+      fail('temperature', f'must be positive, got {self.temperature} -> {self.temperature_end}')
+    if self.anneal_steps < 0:
+      fail('anneal_steps', f'must be >= 0, got {self.anneal_steps}')
+    if self.weight < 0:
+      fail('weight', f'must be >= 0, got {self.weight}')
+    if not 0 < self.kl_eps < 1:
+      fail('kl_eps', f'must be in (0, 1), got {self.kl_eps}')
+
+  @classmethod
+  def from_dict(cls, d: Mapping[str, Any]) -> 'DictionaryConfig':
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - names)
+    if unknown:
+      raise ValueError(f'config.model.dictionary has unknown key(s) {unknown}; known: '
+                       f'{sorted(names)}')
+    return cls(**d)
+
+  @property
+  def annealed(self) -> bool:
+    return self.temperature_end is not None and self.anneal_steps > 0
+
+
+@dataclasses.dataclass(frozen=True)
 class DMDConfig:
   """Everything that defines the DMD network and its objective.
 
@@ -136,6 +189,8 @@ class DMDConfig:
   # 'bfloat16': matmuls and activations in bf16; parameters, optimizer state, LayerNorm, softmax,
   # GD-Units and losses stay float32 (dmd_jax/precision.py).
   compute_dtype: str = 'float32'
+  # DHMD (dmd_jax/dictionary.py): a modality-shared dictionary per space; None = DMD.
+  dictionary: Optional[DictionaryConfig] = None
 
   def __post_init__(self):
     def fail(field, msg):
@@ -190,6 +245,11 @@ class DMDConfig:
     return dataclasses.replace(self, bert=bert, **zero)
 
   @property
+  def dhmd(self) -> bool:
+    """Whether the dictionary branch (DHMD) is on."""
+    return self.dictionary is not None and self.dictionary.enabled
+
+  @property
   def has_dropout(self) -> bool:
     rates = [getattr(self, n) for n in DROPOUT_FIELDS]
     return any(r > 0 for r in rates + [self.bert.hidden_dropout_prob,
@@ -234,7 +294,7 @@ def reference_config(dataset: str = 'mosi', aligned: bool = True,
 
 
 _RUN_MODEL_KEYS = ('d', 'num_heads', 'nlevels', 'kernel_sizes', 'attn_mask',
-                   'dropout_rng', 'compute_dtype') + DROPOUT_FIELDS
+                   'dropout_rng', 'compute_dtype', 'dictionary') + DROPOUT_FIELDS
 
 
 def from_run_config(run: Mapping[str, Any], bert: BertConfig) -> DMDConfig:
@@ -245,4 +305,6 @@ def from_run_config(run: Mapping[str, Any], bert: BertConfig) -> DMDConfig:
   if unknown:
     raise ValueError(f'config.model has unknown key(s) {unknown}; known: {list(_RUN_MODEL_KEYS)}')
   model['kernel_sizes'] = tuple(model['kernel_sizes'])
+  if model.get('dictionary') is not None:
+    model['dictionary'] = DictionaryConfig.from_dict(dict(model['dictionary']))
   return reference_config(run['dataset'], bool(run['aligned']), bert=bert, **model)

@@ -147,8 +147,12 @@ def write_export(directory: str, per_sample: Mapping[str, np.ndarray], ids: Sequ
              for i, s in enumerate(MODALITIES)]
   _write(base + '_summary.csv', _csv(rows))
   figs = plot_heatmaps(summary, base + '_heatmap', title=f'{split}: mean edge weight')
-  return {'npz': base + '.npz', 'summary': base + '_summary.json', 'figures': figs,
-          'stats': summary}
+  result = {'npz': base + '.npz', 'summary': base + '_summary.json', 'figures': figs,
+            'stats': summary}
+  if 'dict_homo' in per_sample:    # DHMD: the dictionary activations beside the edges
+    from dmd_jax.dictionary_export import write_activations  # pylint: disable=import-outside-toplevel
+    result['dictionary'] = write_activations(directory, per_sample, ids, split)
+  return result
 
 
 def plot_heatmaps(summary: Mapping[str, Any], path_stem: str, title: str = '') -> list[str]:

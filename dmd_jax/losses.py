@@ -70,7 +70,11 @@ def margin_loss(out: Outputs, labels: jax.Array, margin_scale: float = 0.15) -> 
   the loss is the mean over the remaining anchors (0 if none).
   """
   feats = jnp.stack([out[f'c_{m}_sim'] for m in MODS], axis=1).reshape(-1, out['c_l_sim'].shape[-1])
-  ids = jnp.repeat(labels.reshape(-1), 3)
+  return label_hinge_rows(feats, jnp.repeat(labels.reshape(-1), 3), margin_scale)
+
+
+def label_hinge_rows(feats: jax.Array, ids: jax.Array, margin_scale: float) -> jax.Array:
+  """The hinge of `margin_loss` over rows feats (N, F) labelled ids (N,)."""
   n = ids.shape[0]
   cos = _hinge_cosine_matrix(feats)
   same = ids[:, None] == ids[None, :]
@@ -124,17 +128,39 @@ def gd_losses(out: Outputs, space: str, cfg: DMDConfig) -> dict[str, jax.Array]:
 
 def dmd_losses(out: Outputs, labels: jax.Array, cfg: DMDConfig) -> dict[str, jax.Array]:
   """Every term of the objective, and `total` (spec §3.7). `homo_repr` is computed but, as in
-  the reference, not part of the total."""
+  the reference, not part of the total. DHMD adds `homo_match` and `hetero_match`, each weighted
+  by `cfg.dictionary.weight`."""
   labels = labels.reshape(-1, 1).astype(jnp.float32)
   terms = {'task': task_loss(out, labels), 'recon': reconstruction_loss(out),
            'cycle': cycle_loss(out), 'ort': orthogonality_loss(out),
            'margin': margin_loss(out, labels, cfg.margin_scale)}
   terms.update(gd_losses(out, 'homo', cfg))
   terms.update(gd_losses(out, 'hetero', cfg))
+  if cfg.dhmd:
+    terms.update(matching_losses(out, labels, cfg))
   terms['total'] = (
       terms['task']
       + cfg.gd_weight * (terms['homo_logit'] + terms['homo_reg'])
       + cfg.gd_weight * (terms['hetero_logit'] + terms['hetero_repr'] + terms['hetero_reg'])
       + cfg.decouple_weight * (terms['cycle'] + terms['recon']
                                + cfg.margin_ort_weight * (terms['margin'] + terms['ort'])))
+  if cfg.dhmd:
+    terms['total'] = terms['total'] + cfg.dictionary.weight * (terms['homo_match']
+                                                               + terms['hetero_match'])
+  return terms
+
+
+def matching_losses(out: Outputs, labels: jax.Array, cfg: DMDConfig) -> dict[str, jax.Array]:
+  """DHMD's dictionary matching loss of each space (`homo_match`, `hetero_match`)."""
+  from dmd_jax import dictionary  # local import: dictionary -> layers; losses stays light
+  kind, terms = cfg.dictionary.loss, {}
+  for space in ('homo', 'hetero'):
+    if kind == 'label_hinge':
+      loss = dictionary.label_margin(out[f'dict_emb_{space}'], labels, cfg.margin_scale)
+    elif kind == 'infonce':
+      loss = dictionary.infonce(out[f'dict_emb_{space}'], out[f'dict_logit_scale_{space}'])
+    else:
+      loss = dictionary.edge_kl(out[f'dict_act_{space}'], out[f'edge_list_{space}'],
+                                cfg.dictionary.kl_eps)
+    terms[f'{space}_match'] = loss
   return terms

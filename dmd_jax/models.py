@@ -16,6 +16,7 @@ import jax.numpy as jnp
 
 from dmd_jax.bert import BertModel
 from dmd_jax.config import DMDConfig
+from dmd_jax.dictionary import Dictionary
 from dmd_jax.distill import GDUnit, edges_to_matrix
 from dmd_jax.layers import Linear, TransformerEncoder, conv1d
 
@@ -49,7 +50,8 @@ class DMD(nn.Module):
 
   @nn.compact
   def __call__(self, text: jax.Array, audio: jax.Array, vision: jax.Array, *,
-               train: bool = False) -> dict[str, jax.Array]:
+               train: bool = False, step=None) -> dict[str, jax.Array]:
+    """`step` (the micro-step) only matters for DHMD with an annealed dictionary temperature."""
     cfg, det = self.config, not train
     _check_inputs(cfg, text, audio, vision)
     d, bsz = cfg.d, text.shape[0]
@@ -84,21 +86,21 @@ class DMD(nn.Module):
       out[f'proj_s_{m}'] = Linear(d, name=f'proj_cosine_{m}')(s[m].reshape(bsz, -1))  # unused
 
     # 9. Self-attention on common features, last step, residual head.
-    c_fusion = jnp.concatenate(
-        [self._transformer(m, f'self_attentions_c_{m}', True)(c[m], deterministic=det)[:, -1]
-         for m in 'lva'], axis=-1)                                      # (B, 3d)
+    c_last = {m: self._transformer(m, f'self_attentions_c_{m}', True)(c[m], deterministic=det)[:, -1]
+              for m in 'lva'}
+    c_fusion = jnp.concatenate([c_last[m] for m in 'lva'], axis=-1)    # (B, 3d)
     out['logits_c'], _, _ = _residual_head(c_fusion, 3 * d, 3 * d,
                                            ('proj1_c', 'proj2_c', 'out_layer_c'),
                                            cfg.output_dropout, det)
 
     # 10-11. Cross-modal transformers on specific features (query = target modality), then the
     # memory transformers, last step, HeteroGD heads (repr taken after the residual add).
-    last_h = {}
+    last_h, cross_seq = {}, {}
     for m, (o1, o2) in (('l', 'av'), ('a', 'lv'), ('v', 'la')):
       cross = [self._transformer(m + o, f'trans_{m}_with_{o}')(s[m], s[o], deterministic=det)
                for o in (o1, o2)]
-      h = self._transformer('mem', f'trans_{m}_mem', True)(jnp.concatenate(cross, axis=-1),
-                                                     deterministic=det)
+      cross_seq[m] = jnp.concatenate(cross, axis=-1)                     # (B, T'_m, 2d)
+      h = self._transformer('mem', f'trans_{m}_mem', True)(cross_seq[m], deterministic=det)
       last_h[m] = out[f'last_h_{m}'] = h[:, -1]                          # (B, 2d)
     for m in 'lva':
       logit, _, rep = _residual_head(last_h[m], 2 * d, 2 * d,
@@ -106,10 +108,30 @@ class DMD(nn.Module):
                                      cfg.output_dropout, det)
       out[f'logits_{m}_hetero'], out[f'repr_{m}_hetero'] = logit, rep
 
+    # DHMD: each space's features re-expressed through its dictionary; per modality the GD-stage
+    # feature and the dictionary embedding are concatenated and projected back to the feature's
+    # width, so the fusion below keeps DMD's shapes (dmd_jax/dictionary.py).
+    fuse_h, fuse_c = last_h, c_fusion
+    if cfg.dhmd:
+      spaces = (('homo', d, [c[m] for m in 'lva'], c_last),
+                ('hetero', 2 * d, [cross_seq[m] for m in 'lva'], last_h))
+      fused = {}
+      for space, width, seqs, feats in spaces:
+        dico = Dictionary(cfg.dictionary, width, name=f'dictionary_{space}')
+        act, emb = dico(seqs, step)
+        out[f'dict_act_{space}'], out[f'dict_emb_{space}'] = act, emb
+        if cfg.dictionary.loss == 'infonce':
+          out[f'dict_logit_scale_{space}'] = dico.variables['params']['logit_scale']
+        fused[space] = {m: Linear(width, name=f'dict_fuse_{space}_{m}')(
+            jnp.concatenate([feats[m], emb[:, i].astype(feats[m].dtype)], axis=-1))
+            for i, m in enumerate('lva')}
+      fuse_h = fused['hetero']
+      fuse_c = jnp.concatenate([fused['homo'][m] for m in 'lva'], axis=-1)
+
     # 12. Fusion: sigmoid gates replace the features, concatenated l, v, a, c.
-    z = jnp.concatenate([jax.nn.sigmoid(Linear(2 * d, name=f'weight_{m}')(last_h[m]))
+    z = jnp.concatenate([jax.nn.sigmoid(Linear(2 * d, name=f'weight_{m}')(fuse_h[m]))
                          for m in 'lva'] +
-                        [jax.nn.sigmoid(Linear(3 * d, name='weight_c')(c_fusion))], axis=-1)
+                        [jax.nn.sigmoid(Linear(3 * d, name='weight_c')(fuse_c))], axis=-1)
     out['output_logit'], _, _ = _residual_head(z, 9 * d, 9 * d, ('proj1', 'proj2', 'out_layer'),
                                                cfg.output_dropout, det)
 

@@ -78,9 +78,12 @@ class Steps:
 
     def evaluate(params, batch):
       out = api.forward(params, batch, cfg, train=False)
-      return {'pred': out['output_logit'].reshape(-1), 'label': batch['labels'].reshape(-1),
-              'mask': batch['mask'], 'index': batch['index'],
-              'homo': out['edges_homo'], 'hetero': out['edges_hetero']}
+      res = {'pred': out['output_logit'].reshape(-1), 'label': batch['labels'].reshape(-1),
+             'mask': batch['mask'], 'index': batch['index'],
+             'homo': out['edges_homo'], 'hetero': out['edges_hetero']}
+      if cfg.dhmd:       # dictionary activations (B, 3, K) per space
+        res.update({f'dict_{u}': out[f'dict_act_{u}'] for u in ('homo', 'hetero')})
+      return res
 
     self.eval = jax.jit(evaluate, in_shardings=(self.replicated, self.split),
                         out_shardings=self.replicated, compiler_options=api.compiler_options())
