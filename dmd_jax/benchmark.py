@@ -262,7 +262,7 @@ def drift_table(root: str, dtype: str) -> str:
   """Markdown: per parity fixture, the largest relative deviations of `dtype` outputs and losses
   from the reference's float32 results (dmd_jax.parity.drift)."""
   from dmd_jax import parity
-  lines = [f'| fixture | dtype | prediction (output_logit) | edges homo / hetero | worst output | '
+  lines = ['| fixture | dtype | prediction (output_logit) | edges homo / hetero | worst output | '
            f'total loss | worst loss term |', '|---|---|---|---|---|---|---|']
   for name in parity.FIXTURES:
     d = parity.drift(os.path.join(root, name), dtype)
