@@ -263,7 +263,7 @@ def drift_table(root: str, dtype: str) -> str:
   from the reference's float32 results (dmd_jax.parity.drift)."""
   from dmd_jax import parity
   lines = ['| fixture | dtype | prediction (output_logit) | edges homo / hetero | worst output | '
-           f'total loss | worst loss term |', '|---|---|---|---|---|---|---|']
+           'total loss | worst loss term |', '|---|---|---|---|---|---|---|']
   for name in parity.FIXTURES:
     d = parity.drift(os.path.join(root, name), dtype)
     out, loss = d['outputs'], d['losses']
