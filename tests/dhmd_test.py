@@ -13,7 +13,6 @@ import dmd_jax
 from configs import mosei_dhmd, mosi_dhmd, smoke
 from dmd_jax import api, dictionary, experiment, losses
 from dmd_jax.config import DictionaryConfig, from_run_config
-from dmd_jax.parity import FIXTURES
 
 
 def test_sparsemax_known_value_simplex_and_sparsity():
@@ -134,8 +133,6 @@ def test_dhmd_parameters_are_dmd_plus_the_dictionaries():
 
 def test_branch_off_reproduces_the_dmd_parity_fixture(parity):
   """A DHMD config with the dictionary switched off is the reference DMD, to parity tolerance."""
-  if parity.path.name != FIXTURES[0]:
-    pytest.skip('one fixture is enough here; tests/parity_test.py runs both for DMD')
   cfg = parity.config.replace(dictionary=DictionaryConfig(enabled=False))
   params = dmd_jax.import_reference(cfg, *(parity.path / f for f in
                                            ('dmd.npz', 'homo_gd.npz', 'hetero_gd.npz')))
