@@ -19,6 +19,7 @@ from typing import Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from dmd_jax.config import DictionaryConfig
 from dmd_jax.distill import STUDENT, TEACHER
@@ -118,8 +119,8 @@ class Dictionary(nn.Module):
 # ---- matching losses -----------------------------------------------------------------------------
 
 # The three unordered modality pairs (l, v), (l, a), (v, a) as node indices.
-PAIR_A = jnp.array([0, 0, 1])
-PAIR_B = jnp.array([1, 2, 2])
+PAIR_A = np.array([0, 0, 1])
+PAIR_B = np.array([1, 2, 2])
 
 
 def label_margin(feats: jax.Array, labels: jax.Array, margin_scale: float) -> jax.Array:

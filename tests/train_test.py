@@ -336,3 +336,15 @@ def test_export_command(data_dir, clean_run):
   csv_rows = (d / 'edges_valid_summary.csv').read_text().splitlines()
   assert csv_rows[0] == 'unit,group,statistic,source,to L,to V,to A'
   assert (d / 'edges_valid_heatmap.png').stat().st_size > 5000
+
+
+def test_importing_the_package_initialises_no_backend():
+  """`jax.distributed.initialize()` must run before any backend exists: no module of the package
+  (or config file) may create a device array at import time."""
+  code = ('import dmd_jax, dmd_jax.experiment, dmd_jax.benchmark, dmd_jax.dictionary_export, '
+          'dmd_jax.parity, dmd_jax.export_edges, configs.mosi_dhmd, configs.demo\n'
+          'from jax._src import xla_bridge\n'
+          'assert not xla_bridge._backends, sorted(xla_bridge._backends)')
+  res = subprocess.run([sys.executable, '-c', code], cwd=REPO, env=env(1), capture_output=True,
+                       text=True, timeout=300, check=False)
+  assert res.returncode == 0, res.stderr[-2000:]
