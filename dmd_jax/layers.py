@@ -12,8 +12,9 @@ encoder of MulT as used by DMD (spec §2.5-§2.6), quirks included:
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
-from typing import Callable, Optional
+from typing import Callable, NamedTuple, Optional
 
 import flax.linen as nn
 import jax
@@ -158,8 +159,11 @@ def future_mask(tq: int, tk: int, row_start: int = 0, offset: Optional[int] = No
 # Attention over long sequences (the unaligned settings' 375/500 steps) is memory-bound: a layer's
 # (B, heads, T, T) score tensor is ~160 MB at T = 500, and every softmax/dropout pass streams it
 # through memory. On CPU, above LOOP_MIN_SCORES scores per head and sample, heads are processed one
-# at a time (lax.map, rematerialised in the backward pass) so a head's scores stay in cache; with a
-# causal mask the query rows are cut into ROW_BLOCKS blocks that only read the keys they may see.
+# at a time (lax.map) so a head's scores stay in cache; with a causal mask the query rows are cut
+# into ROW_BLOCKS blocks that only read the keys they may see. The gradient is written by hand
+# (`_attention_core`): the backward pass recomputes the scores from q and k and the saved
+# per-row log-normaliser, so no (T, T) tensor is stored between the passes and none of the
+# forward's reductions is repeated.
 LOOP_MIN_SCORES = 128 * 128
 ROW_BLOCKS = 4
 
@@ -179,6 +183,115 @@ def _row_blocks(tq: int, tk: int, row_start: int, offset: Optional[int]) -> int:
   return ROW_BLOCKS if _visible_keys(bounds, tk, row_start, offset) <= 0.85 * tq * tk else 1
 
 
+class _Plan(NamedTuple):
+  """Static layout of one attention call: row blocks (r0, r1, keys read, masked?) and dropout."""
+  blocks: tuple[tuple[int, int, int, bool], ...]
+  row_start: int
+  offset: Optional[int]
+  rate: float            # dropout on the probabilities; 0 = none
+  loop: bool             # heads one at a time (lax.map) rather than all at once (vmap)
+
+
+def _plan(tq: int, tk: int, row_start: int, offset: Optional[int], rate: float) -> _Plan:
+  n = _row_blocks(tq, tk, row_start, offset)
+  bounds = [round(i * tq / n) for i in range(n + 1)]
+  blocks = []
+  for r0, r1 in zip(bounds, bounds[1:]):
+    kmax = tk if offset is None else min(tk, row_start + r1 + offset)  # keys j < row + 1 + offset
+    masked = offset is not None and row_start + r0 + 1 + offset < kmax  # the block hides some
+    blocks.append((r0, r1, kmax, masked))
+  loop = tq * tk >= LOOP_MIN_SCORES and _LOOPS['map_heads'] and jax.default_backend() == 'cpu'
+  return _Plan(tuple(blocks), row_start, offset, rate, loop)
+
+
+def _scores(plan: _Plan, block: int, qh: jax.Array, kh: jax.Array) -> jax.Array:
+  """(B, r1 - r0, kmax) scores of one row block in float32, hidden keys at -inf."""
+  r0, r1, kmax, masked = plan.blocks[block]
+  s = jnp.einsum('bqd,bkd->bqk', qh[:, r0:r1], kh[:, :kmax])
+  if masked:
+    s = jnp.where(future_mask(r1 - r0, kmax, plan.row_start + r0, plan.offset), s, -jnp.inf)
+  return s.astype(_acc_dtype(qh))
+
+
+def _acc_dtype(x: jax.Array):
+  """float32 for float32/bfloat16 inputs (float64 stays float64)."""
+  return jnp.promote_types(x.dtype, jnp.float32)
+
+
+def _keep(plan: _Plan, block: int, key: jax.Array, shape) -> jax.Array:
+  return jax.random.bernoulli(jax.random.fold_in(key, block), 1.0 - plan.rate, shape)
+
+
+def _head_forward(plan: _Plan, qh, kh, vh, key):
+  """One head: (B, Tq, hd) output and (B, Tq, 1) log-normaliser lse, where the probabilities
+  used (dropout's 1/(1 - rate) included) are exp(s - lse)."""
+  outs, lses = [], []
+  for b, (_, _, kmax, _) in enumerate(plan.blocks):
+    s = _scores(plan, b, qh, kh)
+    m = jax.lax.stop_gradient(jnp.max(s, axis=-1, keepdims=True))
+    e = jnp.exp(s - m)
+    total = jnp.sum(e, axis=-1, keepdims=True)
+    if plan.rate > 0:
+      e = jnp.where(_keep(plan, b, key, e.shape), e, 0.0)
+      total = total * (1.0 - plan.rate)
+    o = jnp.einsum('bqk,bkd->bqd', e.astype(vh.dtype), vh[:, :kmax])
+    outs.append(o / total.astype(o.dtype))
+    lses.append(m + jnp.log(total))
+  cat = lambda xs: xs[0] if len(xs) == 1 else jnp.concatenate(xs, axis=1)
+  return cat(outs), cat(lses)
+
+
+def _head_backward(plan: _Plan, qh, kh, vh, key, out, lse, d_out):
+  """Cotangents (dq, dk, dv) of one head. With P = softmax(s), Z the kept mask over (1 - rate)
+  and O = (P * Z) v: ds = P * (Z * (dO v^T) - rowsum(dO * O))."""
+  acc = _acc_dtype(qh)
+  dq, dk, dv = [], jnp.zeros(kh.shape, acc), jnp.zeros(vh.shape, acc)
+  delta = jnp.sum(d_out.astype(acc) * out.astype(acc), axis=-1, keepdims=True)
+  for b, (r0, r1, kmax, _) in enumerate(plan.blocks):
+    p = jnp.exp(_scores(plan, b, qh, kh) - lse[:, r0:r1])       # P / (1 - rate)
+    do = d_out[:, r0:r1]
+    dp = jnp.einsum('bqd,bkd->bqk', do, vh[:, :kmax]).astype(acc)
+    if plan.rate > 0:
+      pz = jnp.where(_keep(plan, b, key, p.shape), p, 0.0)      # P * Z
+      ds = pz * dp - p * ((1.0 - plan.rate) * delta[:, r0:r1])
+    else:
+      pz, ds = p, p * (dp - delta[:, r0:r1])
+    ds = ds.astype(qh.dtype)
+    dq.append(jnp.einsum('bqk,bkd->bqd', ds, kh[:, :kmax]))
+    dk = dk.at[:, :kmax].add(jnp.einsum('bqk,bqd->bkd', ds, qh[:, r0:r1]))
+    dv = dv.at[:, :kmax].add(jnp.einsum('bqk,bqd->bkd', pz.astype(vh.dtype), do))
+  dq = dq[0] if len(dq) == 1 else jnp.concatenate(dq, axis=1)
+  return dq, dk.astype(kh.dtype), dv.astype(vh.dtype)
+
+
+def _over_heads(plan: _Plan, fn, *args):
+  """fn applied to every head of (H, ...) arguments: a lax.map on CPU above the size limit
+  (one head's scores in cache at a time), else a vmap."""
+  if plan.loop:
+    return jax.lax.map(lambda a: fn(*a), args)
+  return jax.vmap(fn)(*args)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _attention_core(plan: _Plan, qh, kh, vh, keys):
+  return _over_heads(plan, functools.partial(_head_forward, plan), qh, kh, vh, keys)[0]
+
+
+def _attention_core_fwd(plan, qh, kh, vh, keys):
+  out, lse = _over_heads(plan, functools.partial(_head_forward, plan), qh, kh, vh, keys)
+  return out, (qh, kh, vh, keys, out, lse)
+
+
+def _attention_core_bwd(plan, residuals, d_out):
+  qh, kh, vh, keys, out, lse = residuals
+  dq, dk, dv = _over_heads(plan, functools.partial(_head_backward, plan), qh, kh, vh, keys, out,
+                           lse, d_out)
+  return dq, dk, dv, None
+
+
+_attention_core.defvjp(_attention_core_fwd, _attention_core_bwd)
+
+
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal_offset: Optional[int],
               row_start: int = 0, dropout_rate: float = 0.0,
               rng: Optional[jax.Array] = None) -> jax.Array:
@@ -194,40 +307,11 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal_offset: Option
   The normalisation is applied after the value product, out = (drop(e) v) / sum(e) with
   e = exp(s - max s): the same function as dropout(softmax(s)) v, one (Tq, Tk) pass fewer.
   """
-  tq, tk = q.shape[1], k.shape[1]
-  use_dropout = rng is not None and dropout_rate > 0
-  n_blocks = _row_blocks(tq, tk, row_start, causal_offset)
-  bounds = [round(i * tq / n_blocks) for i in range(n_blocks + 1)]
-
-  def one_head(qh, kh, vh, key):  # (B, Tq, hd), (B, Tk, hd), (B, Tk, hd) -> (B, Tq, hd)
-    outs = []
-    for b in range(n_blocks):
-      r0, r1 = bounds[b], bounds[b + 1]
-      # Keys a block may see: j < last row + 1 + offset (all keys without a mask).
-      kmax = tk if causal_offset is None else min(tk, row_start + r1 + causal_offset)
-      s = jnp.einsum('bqd,bkd->bqk', qh[:, r0:r1], kh[:, :kmax])
-      if causal_offset is not None and row_start + r0 + 1 + causal_offset < kmax:  # hides some
-        s = jnp.where(future_mask(r1 - r0, kmax, row_start + r0, causal_offset), s, -jnp.inf)
-      s = s.astype(jnp.float32)
-      e = jnp.exp(s - jax.lax.stop_gradient(jnp.max(s, axis=-1, keepdims=True)))
-      total = jnp.sum(e, axis=-1, keepdims=True)
-      if use_dropout:
-        keep = jax.random.bernoulli(jax.random.fold_in(key, b), 1.0 - dropout_rate, e.shape)
-        e = jnp.where(keep, e, 0.0)
-        total = total * (1.0 - dropout_rate)
-      o = jnp.einsum('bqk,bkd->bqd', e.astype(vh.dtype), vh[:, :kmax])
-      outs.append(o / total.astype(o.dtype))
-    return outs[0] if n_blocks == 1 else jnp.concatenate(outs, axis=1)
-
+  rate = float(dropout_rate) if rng is not None and dropout_rate > 0 else 0.0
+  plan = _plan(q.shape[1], k.shape[1], row_start, causal_offset, rate)
   heads = [x.transpose(2, 0, 1, 3) for x in (q, k, v)]                 # (H, B, T, hd)
-  keys = (jax.random.split(rng, q.shape[2]) if use_dropout
-          else jnp.zeros((q.shape[2],), jnp.uint32))
-  # The head loop is a CPU cache optimisation; accelerators run all heads at once.
-  if tq * tk >= LOOP_MIN_SCORES and _LOOPS['map_heads'] and jax.default_backend() == 'cpu':
-    out = jax.lax.map(jax.checkpoint(lambda a: one_head(*a)), (*heads, keys))
-  else:
-    out = jax.vmap(one_head)(*heads, keys)
-  return out.transpose(1, 2, 0, 3)
+  keys = jax.random.split(rng, q.shape[2]) if rate > 0 else jnp.zeros((q.shape[2],), jnp.uint32)
+  return _attention_core(plan, *heads, keys).transpose(1, 2, 0, 3)
 
 
 class MultiheadAttention(nn.Module):
