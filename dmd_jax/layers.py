@@ -222,6 +222,11 @@ def _keep(plan: _Plan, block: int, key: jax.Array, shape) -> jax.Array:
   return jax.random.bernoulli(jax.random.fold_in(key, block), 1.0 - plan.rate, shape)
 
 
+def _join_rows(blocks: list[jax.Array]) -> jax.Array:
+  """Row blocks (B, r1 - r0, ...) back into one (B, Tq, ...) array."""
+  return blocks[0] if len(blocks) == 1 else jnp.concatenate(blocks, axis=1)
+
+
 def _head_forward(plan: _Plan, qh, kh, vh, key):
   """One head: (B, Tq, hd) output and (B, Tq, 1) log-normaliser lse, where the probabilities
   used (dropout's 1/(1 - rate) included) are exp(s - lse)."""
@@ -237,8 +242,7 @@ def _head_forward(plan: _Plan, qh, kh, vh, key):
     o = jnp.einsum('bqk,bkd->bqd', e.astype(vh.dtype), vh[:, :kmax])
     outs.append(o / total.astype(o.dtype))
     lses.append(m + jnp.log(total))
-  cat = lambda xs: xs[0] if len(xs) == 1 else jnp.concatenate(xs, axis=1)
-  return cat(outs), cat(lses)
+  return _join_rows(outs), _join_rows(lses)
 
 
 def _head_backward(plan: _Plan, qh, kh, vh, key, delta, lse, d_out):
@@ -265,8 +269,7 @@ def _head_backward(plan: _Plan, qh, kh, vh, key, delta, lse, d_out):
     dq.append(jnp.einsum('bqk,bkd->bqd', ds, kh[:, :kmax]))
     dk_t = dk_t.at[:, :, :kmax].add(rows_t(qh[:, r0:r1], ds))
     dv_t = dv_t.at[:, :, :kmax].add(rows_t(do, pz.astype(vh.dtype)))
-  dq = dq[0] if len(dq) == 1 else jnp.concatenate(dq, axis=1)
-  return dq, dk_t.astype(kh.dtype), dv_t.astype(vh.dtype)     # (B, hd, Tk) each
+  return _join_rows(dq), dk_t.astype(kh.dtype), dv_t.astype(vh.dtype)     # (B, hd, Tk) each
 
 
 def _over_heads(plan: _Plan, fn, *args):
