@@ -1,6 +1,8 @@
+import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 
 from dmd_jax.optim import (accumulate_clipped, get_learning_rate, reference_optimizer,
                            reset_window, set_learning_rate)
@@ -17,10 +19,10 @@ def test_clipped_sum_then_one_update_per_window():
     acc = np.clip(acc + np.asarray(g), -0.6, 0.6)  # clip after every micro-batch, on the sum
     if i < 2:
       np.testing.assert_array_equal(updates, 0.0)
-      np.testing.assert_allclose(state.acc, acc)
+      np.testing.assert_allclose(state.acc[0], acc)   # one segment: the single leaf
   np.testing.assert_allclose(updates, -acc)  # sgd(1): the clipped sum 0.6 - 0.3, not 1.0 - 0.3
   np.testing.assert_allclose(updates, [-0.3, 0.3], rtol=1e-6)
-  assert int(state.count) == 0 and not np.any(state.acc)
+  assert int(state.count) == 0 and not np.any(state.acc[0])
 
 
 def test_partial_window_is_dropped():
@@ -71,5 +73,31 @@ def test_fused_apply_equals_update_then_apply_updates():
         np.testing.assert_array_equal(p_apply[k], before[k])
       else:
         assert np.any(np.asarray(p_apply[k]) != np.asarray(before[k]))
-    np.testing.assert_array_equal(s_apply.acc, s_update.acc)
-    np.testing.assert_array_equal(s_apply.inner.inner_state[0].mu, s_update.inner.inner_state[0].mu)
+    for a, b in zip(jax.tree.leaves((s_apply.acc, s_apply.inner.inner_state[0].mu)),
+                    jax.tree.leaves((s_update.acc, s_update.inner.inner_state[0].mu))):
+      np.testing.assert_array_equal(a, b)
+
+
+def test_segments_group_repeated_layers_and_round_trip():
+  from dmd_jax.optim import Segments
+  rs = np.random.default_rng(1)
+  arr = lambda *shape: jnp.asarray(rs.normal(size=shape), jnp.float32)
+  layer = lambda: {'dense': {'kernel': arr(3, 4), 'bias': arr(4)}, 'ln': {'scale': arr(4)}}
+  tree = {'encoder': {'layer_0': layer(), 'layer_1': layer()}, 'head': {'kernel': arr(4, 1)},
+          'mult': {'layers_0': layer(), 'layers_1': layer(), 'layer_norm': {'scale': arr(4)}}}
+  seg = Segments(tree)
+  # One segment per layer; everything outside a layer (head, final norm) shares the first one.
+  assert seg.names == ('encoder/layer_0', 'encoder/layer_1', '', 'mult/layers_0', 'mult/layers_1')
+  flat = seg.flatten(tree)
+  assert [v.shape for v in flat] == [(20,), (20,), (8,), (20,), (20,)]
+  # Layers of one stack are laid out identically: bias, kernel, scale in tree order.
+  np.testing.assert_array_equal(flat[1][:4], tree['encoder']['layer_1']['dense']['bias'])
+  np.testing.assert_array_equal(flat[3][16:], tree['mult']['layers_0']['ln']['scale'])
+  back = seg.unflatten(flat)
+  assert jax.tree.structure(back) == jax.tree.structure(tree)
+  for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(tree)):
+    np.testing.assert_array_equal(a, b)
+  with pytest.raises(ValueError, match='expected 5 segment vectors, got 4'):
+    seg.unflatten(flat[:4])
+  with pytest.raises(ValueError, match=r'segment vector of shape \(19,\), expected \(20,\)'):
+    seg.unflatten((flat[0][:19],) + flat[1:])
