@@ -140,8 +140,14 @@ def save_state(mngr: ocp.CheckpointManager, step: int, tree, meta: Mapping[str, 
 
 def restore_state(mngr: ocp.CheckpointManager, step: int, target):
   abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
-  got = mngr.restore(step, args=ocp.args.Composite(**{
-      STATE_ITEM: ocp.args.StandardRestore(abstract), META_ITEM: ocp.args.JsonRestore()}))
+  try:
+    got = mngr.restore(step, args=ocp.args.Composite(**{
+        STATE_ITEM: ocp.args.StandardRestore(abstract), META_ITEM: ocp.args.JsonRestore()}))
+  except ValueError as e:
+    # e.g. a run started by a dmd_jax whose optimizer state was laid out differently
+    raise ValueError(f'checkpoint {mngr.directory} step {step} does not match the state this '
+                     f'version trains (another model config, or an older dmd_jax); resume it with '
+                     f'the version that wrote it, or start a fresh workdir. Orbax: {e}') from e
   return got[STATE_ITEM], dict(got[META_ITEM])
 
 

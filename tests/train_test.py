@@ -347,3 +347,14 @@ def test_importing_the_package_initialises_no_backend():
   res = subprocess.run([sys.executable, '-c', code], cwd=REPO, env=env(1), capture_output=True,
                        text=True, timeout=300, check=False)
   assert res.returncode == 0, res.stderr[-2000:]
+
+
+def test_resuming_a_checkpoint_of_another_layout_names_it(tmp_path):
+  # e.g. a workdir from a dmd_jax whose optimizer state was one flat vector (now per segment).
+  mngr = trainer.checkpoint_manager(str(tmp_path / 'ck'), 1)
+  trainer.save_state(mngr, 3, {'acc': np.zeros(5, np.float32)}, {'epoch': 1})
+  with pytest.raises(ValueError, match=r'ck step 3 does not match the state this version trains'):
+    trainer.restore_state(mngr, 3, {'acc': (np.zeros(3, np.float32), np.zeros(2, np.float32))})
+  state, meta = trainer.restore_state(mngr, 3, {'acc': np.ones(5, np.float32)})
+  np.testing.assert_array_equal(state['acc'], np.zeros(5))
+  assert meta == {'epoch': 1}
