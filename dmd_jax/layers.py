@@ -231,7 +231,7 @@ def _join_rows(blocks: list[jax.Array]) -> jax.Array:
 
 
 def _head_forward(plan: _Plan, qh, kh, vh, key):
-  """One head: (B, Tq, hd) output, (B, Tq, 1) log-normaliser lse, where the probabilities
+  """One head: (B, Tq, hd) output and (B, Tq, 1) log-normaliser lse, where the probabilities
   used (dropout's 1/(1 - rate) included) are exp(s - lse)."""
   outs, lses = [], []
   for b, (_, _, kmax, _) in enumerate(plan.blocks):

@@ -11,7 +11,7 @@ updates until the window is complete, then the inner update of the clipped sum (
 
 The running sum and the inner state live on flat vectors, one per *segment* of the parameter
 tree (`Segments`): every repeated layer (a path component `layer_<i>` or `layers_<i>`) is one
-segment and all other parameters form a last one. Not a tree of ~900 leaves: per-leaf Adam and
+segment and all other parameters share one more. Not a tree of ~900 leaves: per-leaf Adam and
 clipping made up ~30% of the train step's compile time. Not one vector either: turning a flat
 vector back into parameter leaves takes one slice per leaf, and XLA compiles a kernel for each
 distinct slice; in one vector every offset is distinct (~900 kernels, ~40% of all kernels of the

@@ -86,7 +86,8 @@ def test_segments_group_repeated_layers_and_round_trip():
   tree = {'encoder': {'layer_0': layer(), 'layer_1': layer()}, 'head': {'kernel': arr(4, 1)},
           'mult': {'layers_0': layer(), 'layers_1': layer(), 'layer_norm': {'scale': arr(4)}}}
   seg = Segments(tree)
-  # One segment per layer; everything outside a layer (head, final norm) shares the first one.
+  # One segment per layer; everything outside a layer (head, final norm) shares the segment '',
+  # placed where its first leaf comes in the tree's order.
   assert seg.names == ('encoder/layer_0', 'encoder/layer_1', '', 'mult/layers_0', 'mult/layers_1')
   flat = seg.flatten(tree)
   assert [v.shape for v in flat] == [(20,), (20,), (8,), (20,), (20,)]
