@@ -6,8 +6,9 @@ import numpy as np
 
 import pytest
 
-from dmd_jax.layers import (ROW_BLOCKS, TransformerEncoder, _head_forward, _over_heads, _plan,
-                            _row_blocks, attention, future_mask, sinusoidal_positions)
+from dmd_jax.layers import (ROW_BLOCKS, TransformerEncoder, _batch_chunks, _head_forward,
+                            _over_heads, _plan, _row_blocks, attention, from_loop_layout,
+                            future_mask, sample_keys, sinusoidal_positions, to_loop_layout)
 from dmd_jax.rng import dropout_key
 
 
@@ -96,10 +97,10 @@ def test_attention_hand_written_gradient_with_dropout_matches_autodiff(tq, tk, o
   rng = dropout_key(jax.random.key(3), key_kind)
 
   def autodiff_attention(q, k, v):
-    plan = _plan(tq, tk, 0, offset, 0.3)
-    heads = [x.transpose(2, 0, 1, 3) for x in (q, k, v)]
+    plan = _plan(tq, tk, 0, offset, 0.3, batch=2)
+    args = to_loop_layout(plan.chunks, q, k, v, sample_keys(rng, 2, 3))
     fwd = lambda *a: _head_forward(plan, *a)
-    return _over_heads(plan, fwd, *heads, jax.random.split(rng, 3))[0].transpose(1, 2, 0, 3)
+    return from_loop_layout(plan.chunks, _over_heads(plan, fwd, *args)[0])
 
   custom = lambda q, k, v: attention(q, k, v, causal_offset=offset, dropout_rate=0.3, rng=rng)
   np.testing.assert_allclose(custom(q, k, v), autodiff_attention(q, k, v), rtol=1e-6, atol=1e-6)
@@ -109,6 +110,39 @@ def test_attention_hand_written_gradient_with_dropout_matches_autodiff(tq, tk, o
   for a, b in zip(g1, g2):
     assert float(jnp.max(jnp.abs(a))) > 0.1       # dropout did not zero the gradient
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_batch_chunks_fit_the_cache_budget_per_device():
+  # 496 x 496 float32 scores are ~0.98 MB per sample: two samples per chunk within 2 MiB.
+  assert _batch_chunks(16, 496, 496, devices=1) == 8
+  assert _batch_chunks(32, 496, 496, devices=1) == 16
+  assert _batch_chunks(16, 496, 496, devices=8) == 1        # 2 samples per device already
+  assert _batch_chunks(16, 371, 371, devices=1) == 8        # 3 would fit; 2 divides 16
+  assert _batch_chunks(16, 46, 496, devices=1) == 1         # the whole batch fits
+  assert _batch_chunks(12, 600, 600, devices=1) == 12       # over budget: one sample per chunk
+  assert _batch_chunks(12, 496, 496, devices=8) == 1        # uneven split over devices
+  with pytest.raises(ValueError, match='3 chunks do not divide the batch of 8'):
+    _plan(200, 200, 0, 0, 0.0, batch=8, chunks=3)
+
+
+@pytest.mark.parametrize('tq,tk,offset', [(150, 150, 0), (130, 170, None)])
+def test_attention_does_not_depend_on_batch_chunks(tq, tk, offset):
+  # Chunking the batch in the head loop (and so the device count, which sets the chunks) must
+  # change nothing: dropout masks are drawn per sample and head.
+  rs = np.random.default_rng(5)
+  q, k, v = (jnp.asarray(rs.normal(size=(4, t, 2, 4)), jnp.float32) for t in (tq, tk, tk))
+  rng = dropout_key(jax.random.key(7))
+  run = lambda c: jax.value_and_grad(lambda q, k, v: jnp.sum(jnp.sin(attention(
+      q, k, v, causal_offset=offset, dropout_rate=0.3, rng=rng, chunks=c))), argnums=(0, 1, 2))
+  (l1, g1), (l4, g4) = run(1)(q, k, v), run(4)(q, k, v)
+  assert _plan(tq, tk, 0, offset, 0.3, batch=4, chunks=4).loop   # the chunked head loop ran
+  np.testing.assert_allclose(l4, l1, rtol=1e-6)
+  for a, b in zip(g4, g1):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+  out2 = attention(q, k, v, causal_offset=offset, dropout_rate=0.3, rng=rng, chunks=2)
+  other = attention(q, k, v, causal_offset=offset, dropout_rate=0.3,
+                    rng=dropout_key(jax.random.key(8)), chunks=2)
+  assert not np.allclose(out2, other)                       # the masks do depend on the key
 
 
 def test_last_only_and_scanned_layers_match_full_encoder():
