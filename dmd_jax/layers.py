@@ -200,8 +200,8 @@ def _batch_chunks(batch: int, tq: int, tk: int, devices: Optional[int] = None) -
   device and chunk that keep a chunk's float32 scores within CHUNK_BYTES (at least one sample,
   and a divisor of the per-device batch). The batch is assumed split evenly over every device
   (the data-parallel mesh of train.Steps); when it is not, chunks are only larger than planned.
-  At 500 x 500 scores, 2 samples per chunk rather than all 16 run forward + backward 1.8x faster
-  on a 2-core CPU (cache-resident scores)."""
+  At 496 x 496 scores without a mask, 2 samples per chunk rather than all 16 run forward +
+  backward 1.6x faster on a 2-core CPU (200 -> 123 ms for 10 heads of width 5, with dropout)."""
   devices = jax.device_count() if devices is None else devices
   if batch % devices:
     return 1
