@@ -24,7 +24,7 @@ from dmd_jax import precision
 from dmd_jax.config import DMDConfig
 from dmd_jax.losses import dmd_losses
 from dmd_jax.models import DMD
-from dmd_jax.rng import dropout_key
+from dmd_jax.rng import dropout_key, init_key
 
 PyTree = Any
 Batch = Mapping[str, jax.Array]
@@ -81,13 +81,18 @@ def init_params(config: DMDConfig, rng: jax.Array, *, jit: bool = True) -> PyTre
   """Random parameters with the reference's initialisers (the text encoder included; load
   pretrained BERT weights over `params['text_model']` with `dmd_jax.load_bert`).
 
-  jit=False runs only the initialisers, op by op, without compiling the network (about half the
-  time for a one-off bert-base-sized model on CPU; values equal to float rounding)."""
+  `rng` is a key with uint32[2] data (`jax.random.key(seed)`); the draws use its data through
+  `dmd_jax.rng.INIT_IMPL` (hashed keys and bits: compiling ~900 Threefry kernels made a
+  bert-base-sized init cost 24-50 s on a 2-core CPU, now ~10 s). jit=False runs the initialisers
+  op by op instead (same values; slower for a model of this size)."""
   b = dummy_batch(config, 1)
+  key = init_key(rng)
   if not jit:
-    return DMD(config).lazy_init(rng, b['text'], b['audio'], b['vision'])['params']
+    return DMD(config).lazy_init(key, b['text'], b['audio'], b['vision'])['params']
   init = jax.jit(lambda r: DMD(config).init(r, b['text'], b['audio'], b['vision'])['params'])
-  return init(rng)
+  if isinstance(key, jax.core.Tracer):   # traced (eval_shape, an outer jit): no compile here
+    return init(key)
+  return init.lower(key).compile(compiler_options())(key)
 
 
 def check_batch(batch: Batch) -> None:

@@ -170,7 +170,7 @@ def run_setting(setting: str, batch_sizes: Sequence[int], *, dtype: str = 'float
       raise ValueError(f'--batch_sizes: {b} is not a positive multiple of the {n_dev} devices')
   hw = hardware()
   t0 = time.perf_counter()
-  params = jax.block_until_ready(api.init_params(cfg, jax.random.key(0), jit=False))
+  params = jax.block_until_ready(api.init_params(cfg, jax.random.key(0)))
   init_s = time.perf_counter() - t0
   n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
   steps = Steps(cfg, mesh)
