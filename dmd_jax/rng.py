@@ -100,11 +100,15 @@ INIT_IMPL = jex_random.define_prng_impl(
     fold_in=_init_fold_in, name='dmd_hash32_init', tag='dhi')
 
 
+def _key_data(rng: jax.Array) -> jax.Array:
+  """The uint32 words of a typed key, or `rng` itself when it is raw key data."""
+  return jax.random.key_data(rng) if jnp.issubdtype(rng.dtype, jax.dtypes.prng_key) else rng
+
+
 def init_key(rng: jax.Array) -> jax.Array:
   """`rng` (a typed key with uint32[2] data, e.g. Threefry's, or raw uint32[2] key data) as an
   `INIT_IMPL` key: the same seed gives the same parameters, with hashed keys and bits."""
-  typed = jnp.issubdtype(rng.dtype, jax.dtypes.prng_key)
-  data = jax.random.key_data(rng) if typed else rng
+  data = _key_data(rng)
   if data.shape != (2,) or data.dtype != jnp.uint32:
     raise ValueError(f'init rng must be a single key with uint32[2] data (jax.random.key(seed)), '
                      f'got key data of shape {data.shape} and dtype {data.dtype}')
@@ -115,10 +119,9 @@ def dropout_key(rng: jax.Array, kind: str = 'hash') -> jax.Array:
   """`rng` (a typed Threefry key or a raw uint32[2] key) as a key of the chosen dropout PRNG."""
   if kind not in DROPOUT_RNGS:
     raise ValueError(f'dropout_rng must be one of {DROPOUT_RNGS}, got {kind!r}')
-  typed = jnp.issubdtype(rng.dtype, jax.dtypes.prng_key)
   if kind == 'threefry':
     return rng
-  data = jax.random.key_data(rng) if typed else rng
+  data = _key_data(rng)
   if data.shape[-1:] != (2,) or data.dtype != jnp.uint32:
     raise ValueError(f'dropout rng must be a Threefry key (uint32[2] data), got key data of '
                      f'shape {data.shape} and dtype {data.dtype}')
