@@ -354,8 +354,101 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal_offset: Option
   plan = _plan(q.shape[1], k.shape[1], row_start, causal_offset, rate, batch=q.shape[0],
                chunks=chunks)
   keys = sample_keys(rng, q.shape[0], q.shape[2]) if rate > 0 else None
+  if _use_native(plan, q, k, v, keys):
+    return _native_core(plan, q, k, v, _block_key_words(plan, keys))
   args = to_loop_layout(plan.chunks, q, k, v, keys)
   return from_loop_layout(plan.chunks, _attention_core(plan, *args))
+
+
+# The native CPU kernel (dmd_jax/csrc/attention_cpu.cc via cpu_kernels): the same function, with
+# one query row's scores kept in L1 through every pass. 'auto' uses it for the head-loop sizes on
+# a single CPU device (the FFI call is not partitioned, so a batch sharded over several devices
+# would be gathered), float32, and hash or no dropout; 'on' also across devices (tests); 'off'
+# never.
+_NATIVE = {'mode': 'auto'}
+
+
+@contextlib.contextmanager
+def native_attention(mode: str):
+  """Within this context, newly traced attention uses the native CPU kernel per `mode`
+  ('auto', 'on', 'off'); 'on' raises if the kernel cannot be loaded."""
+  if mode not in ('auto', 'on', 'off'):
+    raise ValueError(f"native attention mode must be 'auto', 'on' or 'off', got {mode!r}")
+  saved = dict(_NATIVE)
+  _NATIVE['mode'] = mode
+  try:
+    yield
+  finally:
+    _NATIVE.update(saved)
+
+
+def _use_native(plan: _Plan, q, k, v, keys) -> bool:
+  mode = _NATIVE['mode']
+  if mode == 'off' or not _LOOPS['map_heads']:
+    return False
+  from dmd_jax import cpu_kernels, rng as rng_lib
+  fits = (jax.default_backend() == 'cpu' and all(x.dtype == jnp.float32 for x in (q, k, v))
+          and (keys is None or jax.random.key_impl(keys) == jax.random.key_impl(
+              jax.random.wrap_key_data(jnp.zeros(2, jnp.uint32), impl=rng_lib.HASH_IMPL))))
+  if mode == 'on':
+    if not fits:
+      raise ValueError('native attention needs the CPU backend, float32 q/k/v and hash or no '
+                       'dropout')
+    if not cpu_kernels.load():
+      raise RuntimeError(f'native attention unavailable: {cpu_kernels.kernel_status()}')
+    return True
+  return fits and plan.loop and jax.device_count() == 1 and cpu_kernels.load()
+
+
+def _block_key_words(plan: _Plan, keys) -> jax.Array:
+  """(B, H, row blocks, 2) uint32 words of each block's dropout key (as `_keep` folds them in),
+  or a placeholder without dropout."""
+  if keys is None:
+    return jnp.zeros((1,), jnp.uint32)
+  fold = lambda b: jax.vmap(jax.vmap(lambda k: jax.random.fold_in(k, b)))(keys)
+  per_block = [jax.random.key_data(fold(b)) for b in range(len(plan.blocks))]
+  return jnp.stack(per_block, axis=2)
+
+
+def _native_attrs(plan: _Plan) -> dict:
+  import numpy as np
+  bounds = [b[0] for b in plan.blocks] + [plan.blocks[-1][1]]
+  return dict(row_start=np.int64(plan.row_start),
+              offset=np.int64(-1 if plan.offset is None else plan.offset),
+              rate=np.float32(plan.rate),
+              threshold=np.int64(min(round((1.0 - plan.rate) * 2.0 ** 32), 2 ** 32 - 1)),
+              bounds=np.asarray(bounds, np.int64),
+              kmaxs=np.asarray([b[2] for b in plan.blocks], np.int64))
+
+
+def _native_forward(plan: _Plan, q, k, v, words):
+  from dmd_jax.cpu_kernels import TARGETS
+  b, tq, h, _ = q.shape
+  out_types = (jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((b, h, tq), q.dtype))
+  return jax.ffi.ffi_call(TARGETS['forward'][0], out_types, vmap_method='sequential')(
+      q, k, v, words, **_native_attrs(plan))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _native_core(plan: _Plan, q, k, v, words):
+  return _native_forward(plan, q, k, v, words)[0]
+
+
+def _native_core_fwd(plan, q, k, v, words):
+  out, lse = _native_forward(plan, q, k, v, words)
+  return out, (q, k, v, words, out, lse)
+
+
+def _native_core_bwd(plan, residuals, d_out):
+  from dmd_jax.cpu_kernels import TARGETS
+  q, k, v, words, out, lse = residuals
+  out_types = tuple(jax.ShapeDtypeStruct(x.shape, x.dtype) for x in (q, k, v))
+  dq, dk, dv = jax.ffi.ffi_call(TARGETS['backward'][0], out_types, vmap_method='sequential')(
+      q, k, v, words, out, lse, d_out.astype(q.dtype), **_native_attrs(plan))
+  return dq, dk, dv, None
+
+
+_native_core.defvjp(_native_core_fwd, _native_core_bwd)
 
 
 def sample_keys(rng: jax.Array, batch: int, heads: int) -> jax.Array:
