@@ -24,9 +24,11 @@ def _attention(mode, q, k, v, **kw):
 
 # (tq, tk, head width, dropout, causal offset, row_start). (150, 150) is cut into row blocks (the
 # dropout index restarts per block); (130, 150, row_start 3) is a last-rows call with an offset;
-# width 3 and 10 check the kernel's per-width code; None has no mask.
+# width 3 and 10 check the kernel's per-width code, width 20 (> 16) its portable scalar code;
+# None has no mask.
 CASES = [(37, 37, 5, 0.0, 0, 0), (40, 29, 4, 0.3, 11, 0), (50, 50, 10, 0.2, None, 0),
-         (150, 150, 5, 0.3, 0, 0), (130, 150, 3, 0.2, 20, 3), (24, 60, 10, 0.0, 36, 0)]
+         (150, 150, 5, 0.3, 0, 0), (130, 150, 3, 0.2, 20, 3), (24, 60, 10, 0.0, 36, 0),
+         (30, 30, 20, 0.3, 0, 0)]
 
 
 @pytest.mark.parametrize('tq,tk,hd,rate,offset,row_start', CASES)
