@@ -15,7 +15,7 @@ TINY = dict(bert=dmd_jax.BertConfig.tiny(), d=8, num_heads=2, nlevels=1)
 
 def test_run_setting_measures_a_case():
   n = jax.device_count()
-  (rec,) = benchmark.run_setting('mosei_unaligned', [n], repeats=1, eval_batches=1,
+  (rec,) = benchmark.run_setting('mosei_unaligned', [n], repeats=2, eval_batches=1,
                                  count_flops=True, **TINY)
   json.dumps(rec)                                         # one JSON line per case
   assert rec['setting'] == 'mosei_unaligned' and rec['seq_lens'] == (50, 500, 500)
@@ -24,7 +24,10 @@ def test_run_setting_measures_a_case():
   for key in ('compile_s', 'first_step_s', 'micro_step_s', 'update_step_s', 'eval_step_s',
               'eval_compile_s', 'peak_host_rss_gib', 'step_tflop'):
     assert rec[key] > 0, key
-  assert rec['timed_micro_steps'] == 1 and rec['timed_update_steps'] == 1
+  assert rec['timed_micro_steps'] == 2 and rec['timed_update_steps'] == 2
+  assert len(rec['micro_steps_s']) == 2 and len(rec['update_steps_s']) == 2
+  assert math.isclose(rec['micro_step_s'], sum(rec['micro_steps_s']) / 2, abs_tol=2e-4)
+  assert math.isclose(rec['update_step_s'], sum(rec['update_steps_s']) / 2, abs_tol=2e-4)
   assert math.isclose(rec['train_samples_per_s'], n / rec['micro_step_s'], rel_tol=0.01)
   assert math.isclose(rec['eval_samples_per_s'], n / rec['eval_step_s'], rel_tol=0.01)
   assert math.isfinite(rec['loss'])
