@@ -14,10 +14,11 @@ an accumulation window of 2 so that steps alternate between the two kinds:
   - update step: the same plus the Adam update that closes a window (once per `update_epochs`).
 Measured per case: train compile (lower + compile, before the first step), the median micro-step
 and update step after WARMUP_STEPS untimed steps (micro, update, micro: on the 2-core CPU the
-second and third steps of a process still run ~10% slower than later ones), eval compile and eval throughput, and peak memory
-(host RSS of the process on CPU, the high-water mark of device memory elsewhere). Achieved FLOP/s
-use XLA's count of the micro-step's FLOPs (traced with loops unrolled, since XLA counts a loop body
-once; rematerialised work is not counted) and are printed on accelerators or with --count_flops.
+second and third steps of a process still run ~10% slower than later ones), eval compile and
+eval throughput, and peak memory (host RSS of the process on CPU, the high-water mark of device
+memory elsewhere). Achieved FLOP/s use XLA's count of the micro-step's FLOPs (traced with loops
+unrolled, since XLA counts a loop body once; rematerialised work is not counted) and are printed
+on accelerators or with --count_flops.
 
 Each setting runs in its own subprocess (a clean memory high-water mark and no shared caches);
 batch sizes run in increasing order inside it. One JSON line per case goes to stdout (and
