@@ -204,12 +204,12 @@ def run_setting(setting: str, batch_sizes: Sequence[int], *, dtype: str = 'float
     compile_s = time.perf_counter() - t0
     micro, update = [], []
     (state, _), first_s = _timed(train, state, batch, key)   # micro-step 1
-    for _ in range(WARMUP_STEPS - 1):                         # update, micro
+    for _ in range(WARMUP_STEPS - 1):
       state, _ = train(state, batch, key)
     jax.block_until_ready(state)
-    for i in range(2 * repeats):                  # update, micro, update, micro, ...
+    for step in range(WARMUP_STEPS + 1, WARMUP_STEPS + 1 + 2 * repeats):
       (state, metrics), dt = _timed(train, state, batch, key)
-      (update if i % 2 == 0 else micro).append(dt)
+      (update if step % 2 == 0 else micro).append(dt)   # a window of 2 closes on even steps
     loss = float(jax.device_get(metrics['total']))
     flops = step_flops(cfg, state, batch, key) if count_flops else None
     del state
