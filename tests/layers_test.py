@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 
 from dmd_jax.layers import (ROW_BLOCKS, TransformerEncoder, _batch_chunks, _head_forward,
-                            _over_heads, _plan, _row_blocks, attention, from_loop_layout,
-                            future_mask, sample_keys, sinusoidal_positions, to_loop_layout)
+                            _over_heads, _plan, _row_blocks, _scan_layers_now, attention,
+                            from_loop_layout, future_mask, layer_loop, sample_keys,
+                            sinusoidal_positions, to_loop_layout, unrolled_loops)
 from dmd_jax.rng import dropout_key
 
 
@@ -145,7 +146,8 @@ def test_attention_does_not_depend_on_batch_chunks(tq, tk, offset):
   assert not np.allclose(out2, other)                       # the masks do depend on the key
 
 
-def test_last_only_and_scanned_layers_match_full_encoder():
+@pytest.mark.parametrize('loop', ['scan', 'unroll'])
+def test_last_only_and_layer_loops_match_full_encoder(loop):
   rs = np.random.default_rng(2)
   x = jnp.asarray(rs.normal(size=(2, 9, 8)), jnp.float32)
   kv = jnp.asarray(rs.normal(size=(2, 12, 8)), jnp.float32)
@@ -153,13 +155,62 @@ def test_last_only_and_scanned_layers_match_full_encoder():
   last = TransformerEncoder(embed_dim=8, num_heads=2, layers=3, last_only=True)
   params = full.init(jax.random.key(0), x, kv)
   assert jax.tree.structure(params) == jax.tree.structure(last.init(jax.random.key(0), x, kv))
-  y = full.apply(params, x, kv)       # layers run as a scan over stacked parameters
-  y_last = last.apply(params, x, kv)
+  with layer_loop(loop):
+    y = full.apply(params, x, kv)
+    y_last = last.apply(params, x, kv)
   assert y_last.shape == (2, 1, 8)
   np.testing.assert_allclose(y_last[:, 0], y[:, -1], rtol=1e-5, atol=1e-6)
-  # The scanned apply equals an unrolled evaluation of the same layers.
+  # Either loop equals an independent layer-by-layer evaluation of the same parameters.
   unrolled = full.apply(params, x, kv, method=_unrolled)
   np.testing.assert_allclose(y, unrolled, rtol=1e-5, atol=1e-6)
+
+
+def test_scanned_and_unrolled_layers_agree_in_training():
+  """Same outputs and gradients, dropout included (each layer gets the same key either way)."""
+  rs = np.random.default_rng(3)
+  x = jnp.asarray(rs.normal(size=(2, 9, 8)), jnp.float32)
+  kv = jnp.asarray(rs.normal(size=(2, 12, 8)), jnp.float32)
+  enc = TransformerEncoder(embed_dim=8, num_heads=2, layers=3, attn_dropout=0.3,
+                           relu_dropout=0.2, res_dropout=0.1)
+  params = enc.init(jax.random.key(0), x, kv)
+  rng = {'dropout': dropout_key(jax.random.key(5))}
+
+  def loss(p, x):
+    return jnp.sum(jnp.sin(enc.apply(p, x, kv, deterministic=False, rngs=rng)))
+
+  results = {}
+  for loop in ('scan', 'unroll'):
+    with layer_loop(loop):
+      results[loop] = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(params, x)
+  (v_s, g_s), (v_u, g_u) = results['scan'], results['unroll']
+  np.testing.assert_allclose(v_s, v_u, rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(g_s), jax.tree.leaves(g_u)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+  deterministic = enc.apply(params, x, kv)
+  assert not np.allclose(enc.apply(params, x, kv, deterministic=False, rngs=rng), deterministic)
+
+
+def test_layer_loop_modes():
+  small = jnp.zeros((4, 50, 8))
+  large = jax.ShapeDtypeStruct((16, 496, 50), jnp.float32)
+  assert _scan_layers_now(small) and not _scan_layers_now(large)    # 'auto' on the CPU backend
+  with layer_loop('scan'):
+    assert _scan_layers_now(small) and _scan_layers_now(large)
+    with unrolled_loops():
+      assert not _scan_layers_now(large)
+  with layer_loop('unroll'):
+    assert not _scan_layers_now(small)
+  with pytest.raises(ValueError, match="layer loop mode must be 'auto', 'scan' or 'unroll'"):
+    with layer_loop('loop'):
+      pass
+  from dmd_jax import layers
+  saved = dict(layers._LAYER_LOOP)
+  layers._LAYER_LOOP['mode'] = 'scanned'                # as a bad DMD_JAX_LAYER_LOOP would set it
+  try:
+    with pytest.raises(ValueError, match="DMD_JAX_LAYER_LOOP must be .* got 'scanned'"):
+      _scan_layers_now(small)
+  finally:
+    layers._LAYER_LOOP.update(saved)
 
 
 def _unrolled(m, x_in, x_kv):
