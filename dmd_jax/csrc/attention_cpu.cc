@@ -243,8 +243,9 @@ void BackwardPair(const Problem& pb, const float* q, const float* k, const float
 
 #ifdef DMD_AVX2
 // The same computation eight keys at a time, for head widths up to 16 (a template parameter, so
-// that a row's per-feature accumulators live in registers). Keys are packed transposed with a
-// row stride rounded up to 8 and zero padding; lanes past a row's visible keys are masked out.
+// that a row's per-feature accumulators live in registers). A head's keys and values are packed
+// in panels of eight keys (see PackPadded), zero-padded to a multiple of 8; lanes past a row's
+// visible keys are masked out.
 
 constexpr int64_t kLanes = 8;
 inline int64_t RoundUp8(int64_t n) { return (n + kLanes - 1) / kLanes * kLanes; }
@@ -309,21 +310,29 @@ inline float HorizontalMax(__m256 v) {
 }
 
 // (D, stride) transposed copy of head h of sample b, zero beyond t.
+// Packs head h of sample b of a (B, T, H, D) array in panels of eight keys: feature c of keys
+// 8m..8m+7 is the vector at out + 8m * D + 8c, so the D vectors of one panel are contiguous and
+// every address in the loops below is a base pointer plus a constant. Zero beyond t.
 template <int D>
 void PackPadded(const Problem& pb, const float* x, int64_t t, int64_t stride, int64_t b,
                 int64_t h, float* out) {
+  std::fill(out + (t / kLanes) * kLanes * D, out + stride * D, 0.0f);
   for (int64_t j = 0; j < t; ++j) {
     const float* src = x + ((b * t + j) * pb.heads + h) * D;
-    for (int c = 0; c < D; ++c) out[c * stride + j] = src[c];
+    float* dst = out + (j / kLanes) * kLanes * D + (j % kLanes);
+    for (int c = 0; c < D; ++c) dst[c * kLanes] = src[c];
   }
-  for (int c = 0; c < D; ++c) std::fill(out + c * stride + t, out + (c + 1) * stride, 0.0f);
 }
+
+// Offset of feature c of the panel starting at key j (a multiple of 8).
+inline int64_t At(int D, int64_t j, int c) { return j * D + c * kLanes; }
 
 template <int D>
 inline __m256 Dot8(const float* x, const float* t, int64_t stride, int64_t j) {
-  __m256 acc = _mm256_mul_ps(_mm256_set1_ps(x[0]), _mm256_loadu_ps(t + j));
+  const float* p = t + j * D;
+  __m256 acc = _mm256_mul_ps(_mm256_set1_ps(x[0]), _mm256_loadu_ps(p));
   for (int c = 1; c < D; ++c) {
-    acc = _mm256_fmadd_ps(_mm256_set1_ps(x[c]), _mm256_loadu_ps(t + c * stride + j), acc);
+    acc = _mm256_fmadd_ps(_mm256_set1_ps(x[c]), _mm256_loadu_ps(p + c * kLanes), acc);
   }
   return acc;
 }
@@ -364,7 +373,7 @@ void ForwardPair8(const Problem& pb, const float* q, const float* k, const float
                                    pb.threshold));
       }
       for (int c = 0; c < D; ++c) {
-        acc[c] = _mm256_fmadd_ps(e, _mm256_loadu_ps(vt + c * stride + j), acc[c]);
+        acc[c] = _mm256_fmadd_ps(e, _mm256_loadu_ps(vt + At(D, j, c)), acc[c]);
       }
     }
     float total = HorizontalSum(total8);
@@ -375,60 +384,102 @@ void ForwardPair8(const Problem& pb, const float* q, const float* k, const float
   }
 }
 
+// Backward for R consecutive query rows at once (R = 1 or 2). One sweep over the keys forms
+// each row's ds and P*Z eight keys at a time and adds both rows' contributions to dk and dv with
+// one load and one store per feature vector (the accumulators of dk and dv live in L1, so their
+// load/store traffic, not the FMAs, bounds a one-row sweep); each row's ds goes to a row buffer,
+// from which a second, register-resident sweep forms dq.
+template <int D, int R>
+inline void BackwardRows8(const Problem& pb, const float* q, const float* out, const float* lse,
+                          const float* dout, const uint32_t* keys, float* dq, int64_t b,
+                          int64_t h, int64_t i0, const float* kt, const float* vt, float* dkt,
+                          float* dvt, float* dsbuf, int64_t stride) {
+  const int64_t nb = static_cast<int64_t>(pb.kmaxs.size());
+  const bool drop = pb.rate > 0.0f;
+  int64_t n[R], at[R];
+  uint32_t base[R];
+  const uint32_t* key[R];
+  __m256 l[R], scaled[R];
+  int64_t nmax = 0;
+  for (int r = 0; r < R; ++r) {
+    const Row row = RowOf(pb, i0 + r);
+    n[r] = row.keys;
+    nmax = std::max(nmax, n[r]);
+    base[r] = row.base;
+    at[r] = ((b * pb.tq + i0 + r) * pb.heads + h) * D;
+    float delta = 0.0f;
+    for (int c = 0; c < D; ++c) delta += dout[at[r] + c] * out[at[r] + c];
+    l[r] = _mm256_set1_ps(lse[(b * pb.heads + h) * pb.tq + i0 + r]);
+    scaled[r] = _mm256_set1_ps(drop ? (1.0f - pb.rate) * delta : delta);
+    key[r] = keys + ((b * pb.heads + h) * nb + row.block) * 2;
+  }
+  for (int64_t j = 0; j < nmax; j += kLanes) {
+    __m256 ds[R], pz[R];
+    for (int r = 0; r < R; ++r) {
+      const __m256 p = _mm256_and_ps(Exp8(_mm256_sub_ps(Dot8<D>(q + at[r], kt, stride, j), l[r])),
+                                     Visible8(j, n[r]));                   // P / (1 - rate)
+      const __m256 dp = Dot8<D>(dout + at[r], vt, stride, j);              // dO . v_j
+      if (drop) {
+        pz[r] = _mm256_and_ps(p, Keep8(base[r] + static_cast<uint32_t>(j), key[r][0], key[r][1],
+                                       pb.threshold));
+        ds[r] = _mm256_fnmadd_ps(p, scaled[r], _mm256_mul_ps(pz[r], dp));
+      } else {
+        pz[r] = p;
+        ds[r] = _mm256_mul_ps(p, _mm256_sub_ps(dp, scaled[r]));
+      }
+      _mm256_storeu_ps(dsbuf + r * stride + j, ds[r]);
+    }
+    for (int c = 0; c < D; ++c) {
+      float* dkc = dkt + At(D, j, c);
+      float* dvc = dvt + At(D, j, c);
+      __m256 dk = _mm256_loadu_ps(dkc), dv = _mm256_loadu_ps(dvc);
+      for (int r = 0; r < R; ++r) {
+        dk = _mm256_fmadd_ps(ds[r], _mm256_set1_ps(q[at[r] + c]), dk);
+        dv = _mm256_fmadd_ps(pz[r], _mm256_set1_ps(dout[at[r] + c]), dv);
+      }
+      _mm256_storeu_ps(dkc, dk);
+      _mm256_storeu_ps(dvc, dv);
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    __m256 acc[D];
+    for (int c = 0; c < D; ++c) acc[c] = _mm256_setzero_ps();
+    const float* dsr = dsbuf + r * stride;
+    for (int64_t j = 0; j < n[r]; j += kLanes) {
+      const __m256 d = _mm256_loadu_ps(dsr + j);
+      for (int c = 0; c < D; ++c) acc[c] = _mm256_fmadd_ps(d, _mm256_loadu_ps(kt + At(D, j, c)), acc[c]);
+    }
+    for (int c = 0; c < D; ++c) dq[at[r] + c] = HorizontalSum(acc[c]);
+  }
+}
+
 template <int D>
 void BackwardPair8(const Problem& pb, const float* q, const float* k, const float* v,
                    const uint32_t* keys, const float* out, const float* lse, const float* dout,
                    float* dq, float* dk, float* dv, int64_t b, int64_t h, float* scratch) {
-  const int64_t tk = pb.tk, stride = RoundUp8(tk), nb = static_cast<int64_t>(pb.kmaxs.size());
+  const int64_t tk = pb.tk, stride = RoundUp8(tk);
   float* kt = scratch;
   float* vt = kt + D * stride;
   float* dkt = vt + D * stride;
   float* dvt = dkt + D * stride;
+  float* dsbuf = dvt + D * stride;                 // two rows of ds
   PackPadded<D>(pb, k, tk, stride, b, h, kt);
   PackPadded<D>(pb, v, tk, stride, b, h, vt);
   std::fill(dkt, dkt + 2 * D * stride, 0.0f);
-  const bool drop = pb.rate > 0.0f;
-  for (int64_t i = 0; i < pb.tq; ++i) {
-    const Row row = RowOf(pb, i);
-    const int64_t n = row.keys;
-    const int64_t at = ((b * pb.tq + i) * pb.heads + h) * D;
-    const float* qi = q + at;
-    const float* doi = dout + at;
-    float delta = 0.0f;
-    for (int c = 0; c < D; ++c) delta += doi[c] * out[at + c];
-    const __m256 l = _mm256_set1_ps(lse[(b * pb.heads + h) * pb.tq + i]);
-    const __m256 scaled = _mm256_set1_ps(drop ? (1.0f - pb.rate) * delta : delta);
-    const uint32_t* key = keys + ((b * pb.heads + h) * nb + row.block) * 2;
-    __m256 acc[D];
-    for (int c = 0; c < D; ++c) acc[c] = _mm256_setzero_ps();
-    for (int64_t j = 0; j < n; j += kLanes) {
-      const __m256 p = _mm256_and_ps(Exp8(_mm256_sub_ps(Dot8<D>(qi, kt, stride, j), l)),
-                                     Visible8(j, n));                      // P / (1 - rate)
-      const __m256 dp = Dot8<D>(doi, vt, stride, j);                       // dO . v_j
-      __m256 pz = p, ds;
-      if (drop) {
-        pz = _mm256_and_ps(p, Keep8(row.base + static_cast<uint32_t>(j), key[0], key[1],
-                                    pb.threshold));
-        ds = _mm256_fnmadd_ps(p, scaled, _mm256_mul_ps(pz, dp));
-      } else {
-        ds = _mm256_mul_ps(p, _mm256_sub_ps(dp, scaled));
-      }
-      for (int c = 0; c < D; ++c) {
-        acc[c] = _mm256_fmadd_ps(ds, _mm256_loadu_ps(kt + c * stride + j), acc[c]);
-        float* dkc = dkt + c * stride + j;
-        float* dvc = dvt + c * stride + j;
-        _mm256_storeu_ps(dkc, _mm256_fmadd_ps(ds, _mm256_set1_ps(qi[c]), _mm256_loadu_ps(dkc)));
-        _mm256_storeu_ps(dvc, _mm256_fmadd_ps(pz, _mm256_set1_ps(doi[c]), _mm256_loadu_ps(dvc)));
-      }
-    }
-    for (int c = 0; c < D; ++c) dq[at + c] = HorizontalSum(acc[c]);
+  int64_t i = 0;
+  for (; i + 2 <= pb.tq; i += 2) {
+    BackwardRows8<D, 2>(pb, q, out, lse, dout, keys, dq, b, h, i, kt, vt, dkt, dvt, dsbuf, stride);
+  }
+  if (i < pb.tq) {
+    BackwardRows8<D, 1>(pb, q, out, lse, dout, keys, dq, b, h, i, kt, vt, dkt, dvt, dsbuf, stride);
   }
   for (int64_t j = 0; j < tk; ++j) {
     float* dkj = dk + ((b * tk + j) * pb.heads + h) * D;
     float* dvj = dv + ((b * tk + j) * pb.heads + h) * D;
+    const int64_t at = (j / kLanes) * kLanes * D + (j % kLanes);
     for (int c = 0; c < D; ++c) {
-      dkj[c] = dkt[c * stride + j];
-      dvj[c] = dvt[c * stride + j];
+      dkj[c] = dkt[at + c * kLanes];
+      dvj[c] = dvt[at + c * kLanes];
     }
   }
 }
@@ -562,7 +613,7 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<f
   float *dqp = dq->typed_data(), *dkp = dk->typed_data(), *dvp = dv->typed_data();
 #ifdef DMD_AVX2
   if (BackwardFn fn = Widths::Backward(pb.dim)) {
-    const int64_t scratch = 4 * pb.dim * RoundUp8(pb.tk) + 16;
+    const int64_t scratch = (4 * pb.dim + 2) * RoundUp8(pb.tk) + 16;
     ParallelPairs(pool, pb.batch * pb.heads, scratch,
                   [&pb, fn, qp, kp, vp, kyp, op, lp, dop, dqp, dkp, dvp](int64_t i, float* s) {
       fn(pb, qp, kp, vp, kyp, op, lp, dop, dqp, dkp, dvp, i / pb.heads, i % pb.heads, s);
