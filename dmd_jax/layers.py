@@ -82,9 +82,10 @@ def layer_norm(name: str, eps: float = LN_EPS) -> LayerNorm:
   return LayerNorm(epsilon=eps, name=name)
 
 
-# Trace-time switches for the two loops below (on by default). XLA's cost analysis counts a loop
-# body once, so `unrolled_loops()` traces them unrolled to count a step's FLOPs (benchmark.py).
-_LOOPS = {'scan_layers': True, 'map_heads': True}
+# Trace-time switch for the per-head attention loop (on by default). XLA's cost analysis counts
+# a loop body once, so `unrolled_loops()` traces it and the layer loop below unrolled to count a
+# step's FLOPs (benchmark.py).
+_LOOPS = {'map_heads': True}
 
 # How a stack of identical MulT layers runs: 'scan' (one `lax.scan` over stacked parameters: one
 # layer body to compile), 'unroll' (a plain loop), or 'auto': on CPU, unrolled where a layer's
@@ -104,12 +105,14 @@ _LAYER_LOOP = {'mode': os.environ.get('DMD_JAX_LAYER_LOOP', 'auto')}
 def unrolled_loops():
   """Within this context, newly traced models run layers and attention heads unrolled (same
   values; more code, so only for analysis such as FLOP counting)."""
-  saved = dict(_LOOPS)
-  _LOOPS.update(scan_layers=False, map_heads=False)
+  saved, saved_layers = dict(_LOOPS), dict(_LAYER_LOOP)
+  _LOOPS.update(map_heads=False)
+  _LAYER_LOOP['mode'] = 'unroll'
   try:
     yield
   finally:
     _LOOPS.update(saved)
+    _LAYER_LOOP.update(saved_layers)
 
 
 @contextlib.contextmanager
@@ -134,9 +137,9 @@ def _scan_layers_now(x: jax.Array) -> bool:
   """Whether a stack of layers applied to activations `x` runs as a scan."""
   mode = _LAYER_LOOP['mode']
   _check_layer_loop(mode, 'DMD_JAX_LAYER_LOOP')
-  if not _LOOPS['scan_layers'] or mode == 'unroll':
+  if mode == 'unroll':
     return False
-  return (mode == 'scan' or jax.default_backend() != 'cpu' or x.size < UNROLL_MIN_ELEMENTS)
+  return mode == 'scan' or jax.default_backend() != 'cpu' or x.size < UNROLL_MIN_ELEMENTS
 
 
 def scan_layers(parent: nn.Module, make_layer: Callable[..., nn.Module], names: list[str],

@@ -310,6 +310,12 @@ inline float HorizontalMax(__m256 v) {
 }
 
 // (D, stride) transposed copy of head h of sample b, zero beyond t.
+// Offset of feature 0 of key j in a panel-packed head (feature c is c * 8 further on).
+inline int64_t PanelIndex(int D, int64_t j) { return (j / kLanes) * kLanes * D + j % kLanes; }
+
+// Offset of feature c of the panel starting at key j (a multiple of 8).
+inline int64_t At(int D, int64_t j, int c) { return j * D + c * kLanes; }
+
 // Packs head h of sample b of a (B, T, H, D) array in panels of eight keys: feature c of keys
 // 8m..8m+7 is the vector at out + 8m * D + 8c, so the D vectors of one panel are contiguous and
 // every address in the loops below is a base pointer plus a constant. Zero beyond t.
@@ -319,16 +325,13 @@ void PackPadded(const Problem& pb, const float* x, int64_t t, int64_t stride, in
   std::fill(out + (t / kLanes) * kLanes * D, out + stride * D, 0.0f);
   for (int64_t j = 0; j < t; ++j) {
     const float* src = x + ((b * t + j) * pb.heads + h) * D;
-    float* dst = out + (j / kLanes) * kLanes * D + (j % kLanes);
+    float* dst = out + PanelIndex(D, j);
     for (int c = 0; c < D; ++c) dst[c * kLanes] = src[c];
   }
 }
 
-// Offset of feature c of the panel starting at key j (a multiple of 8).
-inline int64_t At(int D, int64_t j, int c) { return j * D + c * kLanes; }
-
 template <int D>
-inline __m256 Dot8(const float* x, const float* t, int64_t stride, int64_t j) {
+inline __m256 Dot8(const float* x, const float* t, int64_t j) {
   const float* p = t + j * D;
   __m256 acc = _mm256_mul_ps(_mm256_set1_ps(x[0]), _mm256_loadu_ps(p));
   for (int c = 1; c < D; ++c) {
@@ -355,7 +358,7 @@ void ForwardPair8(const Problem& pb, const float* q, const float* k, const float
     const float* qi = q + ((b * pb.tq + i) * pb.heads + h) * D;
     __m256 m8 = minus_inf;
     for (int64_t j = 0; j < n; j += kLanes) {
-      __m256 sj = Dot8<D>(qi, kt, stride, j);
+      __m256 sj = Dot8<D>(qi, kt, j);
       sj = _mm256_blendv_ps(minus_inf, sj, Visible8(j, n));
       _mm256_storeu_ps(s + j, sj);
       m8 = _mm256_max_ps(m8, sj);
@@ -416,9 +419,9 @@ inline void BackwardRows8(const Problem& pb, const float* q, const float* out, c
   for (int64_t j = 0; j < nmax; j += kLanes) {
     __m256 ds[R], pz[R];
     for (int r = 0; r < R; ++r) {
-      const __m256 p = _mm256_and_ps(Exp8(_mm256_sub_ps(Dot8<D>(q + at[r], kt, stride, j), l[r])),
+      const __m256 p = _mm256_and_ps(Exp8(_mm256_sub_ps(Dot8<D>(q + at[r], kt, j), l[r])),
                                      Visible8(j, n[r]));                   // P / (1 - rate)
-      const __m256 dp = Dot8<D>(dout + at[r], vt, stride, j);              // dO . v_j
+      const __m256 dp = Dot8<D>(dout + at[r], vt, j);              // dO . v_j
       if (drop) {
         pz[r] = _mm256_and_ps(p, Keep8(base[r] + static_cast<uint32_t>(j), key[r][0], key[r][1],
                                        pb.threshold));
@@ -476,7 +479,7 @@ void BackwardPair8(const Problem& pb, const float* q, const float* k, const floa
   for (int64_t j = 0; j < tk; ++j) {
     float* dkj = dk + ((b * tk + j) * pb.heads + h) * D;
     float* dvj = dv + ((b * tk + j) * pb.heads + h) * D;
-    const int64_t at = (j / kLanes) * kLanes * D + (j % kLanes);
+    const int64_t at = PanelIndex(D, j);
     for (int c = 0; c < D; ++c) {
       dkj[c] = dkt[at + c * kLanes];
       dvj[c] = dvt[at + c * kLanes];
