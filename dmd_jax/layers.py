@@ -307,10 +307,11 @@ def _join_rows(blocks: list[jax.Array]) -> jax.Array:
 
 
 def _head_forward(plan: _Plan, qh, kh, vh, key):
-  """One head: (B, Tq, hd) output and (B, Tq, 1) log-normaliser lse, where the probabilities
-  used (dropout's 1/(1 - rate) included) are exp(s - lse)."""
-  outs, lses = [], []
-  for b, (_, _, kmax, _) in enumerate(plan.blocks):
+  """One head: (B, Tq, hd) output and (B, Tq, 2) row statistics [m, r]: the row max of the
+  scores and the reciprocal of the row's normaliser (dropout's 1 - rate folded in), so that the
+  probabilities used are exactly exp(s - m) * r (see `_head_backward`)."""
+  outs, stats = [], []
+  for b in range(len(plan.blocks)):
     s = _scores(plan, b, qh, kh)
     m = jax.lax.stop_gradient(jnp.max(s, axis=-1, keepdims=True))
     e = jnp.exp(s - m)
@@ -318,15 +319,22 @@ def _head_forward(plan: _Plan, qh, kh, vh, key):
     if plan.rate > 0:
       e = jnp.where(_keep(plan, b, key, e.shape), e, 0.0)
       total = total * (1.0 - plan.rate)
-    o = jnp.einsum('bqk,bkd->bqd', e.astype(vh.dtype), vh[:, :kmax])
-    outs.append(o / total.astype(o.dtype))
-    lses.append(m + jnp.log(total))
-  return _join_rows(outs), _join_rows(lses)
+    r = 1.0 / total
+    o = jnp.einsum('bqk,bkd->bqd', e.astype(vh.dtype), vh[:, :plan.blocks[b][2]])
+    outs.append(o * r.astype(o.dtype))
+    stats.append(jnp.concatenate([m, r], axis=-1))
+  return _join_rows(outs), _join_rows(stats)
 
 
-def _head_backward(plan: _Plan, qh, kh, vh, key, delta, lse, d_out):
+def _head_backward(plan: _Plan, qh, kh, vh, key, delta, stats, d_out):
   """Cotangents (dq, dk^T, dv^T) of one head. With P = softmax(s), Z the kept mask over (1 - rate)
-  and O = (P * Z) v: ds = P * (Z * (dO v^T) - rowsum(dO * O))."""
+  and O = (P * Z) v: ds = P * (Z * (dO v^T) - rowsum(dO * O)).
+
+  P is recomputed as the forward pass formed it, exp(s - m) times the reciprocal row sum, not as
+  exp(s - lse) from a log-normaliser lse = m + log(sum): that sum is rounded at the magnitude of
+  lse (and leans on the accuracy of log), so exp(s - lse) carries a row-wide relative error of up
+  to |lse| * 2^-24, and its rows no longer sum to the 1 that `delta` (taken from the forward's
+  exactly normalised output) assumes."""
   acc = _acc_dtype(qh)
   # dk and dv are accumulated transposed, (B, hd, Tk): as dot(q^T, ds) the wide score block is the
   # product's right operand in its natural layout, which CPU matmul kernels run ~2x faster than
@@ -336,12 +344,16 @@ def _head_backward(plan: _Plan, qh, kh, vh, key, delta, lse, d_out):
   dq, dk_t, dv_t = [], jnp.zeros(t_shape(kh), acc), jnp.zeros(t_shape(vh), acc)
   rows_t = lambda a, b: jax.lax.dot_general(a, b, (((1,), (1,)), ((0,), (0,))))  # a^T b per sample
   for b, (r0, r1, kmax, _) in enumerate(plan.blocks):
-    p = jnp.exp(_scores(plan, b, qh, kh) - lse[:, r0:r1])       # P / (1 - rate)
+    m, r = stats[:, r0:r1, :1], stats[:, r0:r1, 1:]
+    p = jnp.exp(_scores(plan, b, qh, kh) - m) * r                 # P / (1 - rate)
     do = d_out[:, r0:r1]
     dp = jnp.einsum('bqd,bkd->bqk', do, vh[:, :kmax]).astype(acc)
     if plan.rate > 0:
-      pz = jnp.where(_keep(plan, b, key, p.shape), p, 0.0)      # P * Z
-      ds = pz * dp - p * ((1.0 - plan.rate) * delta[:, r0:r1])
+      keep = _keep(plan, b, key, p.shape)
+      pz = jnp.where(keep, p, 0.0)                               # P * Z
+      # dp and delta cancel where one key dominates a row: subtract before scaling by p, as
+      # autodiff of softmax does, so that the rounding stays relative to the difference.
+      ds = p * (jnp.where(keep, dp, 0.0) - (1.0 - plan.rate) * delta[:, r0:r1])
     else:
       pz, ds = p, p * (dp - delta[:, r0:r1])
     ds = ds.astype(qh.dtype)
@@ -365,18 +377,18 @@ def _attention_core(plan: _Plan, qh, kh, vh, keys):
 
 
 def _attention_core_fwd(plan, qh, kh, vh, keys):
-  out, lse = _over_heads(plan, functools.partial(_head_forward, plan), qh, kh, vh, keys)
-  return out, (qh, kh, vh, keys, out, lse)
+  out, stats = _over_heads(plan, functools.partial(_head_forward, plan), qh, kh, vh, keys)
+  return out, (qh, kh, vh, keys, out, stats)
 
 
 def _attention_core_bwd(plan, residuals, d_out):
-  qh, kh, vh, keys, out, lse = residuals
+  qh, kh, vh, keys, out, stats = residuals
   # rowsum(dO * O) for every head at once, outside the per-head loop: inside it XLA:CPU fuses
   # this reduction into the dO v^T product's epilogue, which then runs ~3x slower.
   acc = _acc_dtype(qh)
   delta = jnp.sum(d_out.astype(acc) * out.astype(acc), axis=-1, keepdims=True)
   dq, dk_t, dv_t = _over_heads(plan, functools.partial(_head_backward, plan), qh, kh, vh, keys,
-                               delta, lse, d_out)
+                               delta, stats, d_out)
   return dq, dk_t.swapaxes(-1, -2), dv_t.swapaxes(-1, -2), None
 
 
@@ -408,6 +420,40 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal_offset: Option
     return _native_core(plan, q, k, v, _block_key_words(plan, keys))
   args = to_loop_layout(plan.chunks, q, k, v, keys)
   return from_loop_layout(plan.chunks, _attention_core(plan, *args))
+
+
+def dropout_keep_mask(batch: int, heads: int, tq: int, tk: int, *, causal_offset: Optional[int],
+                      row_start: int, dropout_rate: float, rng: jax.Array) -> jax.Array:
+  """(B, H, Tq, Tk) boolean: where `attention` keeps a probability under dropout (False beyond
+  a row block's keys, which the causal mask hides anyway)."""
+  plan = _plan(tq, tk, row_start, causal_offset, float(dropout_rate), batch=batch, chunks=1)
+  keys = sample_keys(rng, batch, heads)
+  blocks = []
+  for i, (r0, r1, kmax, _) in enumerate(plan.blocks):       # (B, H, rows, kmax) per row block
+    keep = jax.vmap(lambda key: _keep(plan, i, key, (batch, r1 - r0, kmax)), 1, 1)(keys)
+    blocks.append(jnp.pad(keep, ((0, 0), (0, 0), (0, 0), (0, tk - kmax))))
+  return jnp.concatenate(blocks, axis=2)
+
+
+def plain_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal_offset: Optional[int],
+                    row_start: int = 0, dropout_rate: float = 0.0,
+                    rng: Optional[jax.Array] = None, chunks: Optional[int] = None) -> jax.Array:
+  """The simple form of `attention` (same arguments, same function): dropout(softmax(q k^T +
+  mask)) v for all heads at once, with the same dropout masks, and gradients by autodiff. The
+  fast paths are tested against it; `chunks` is accepted and ignored."""
+  del chunks
+  rate = float(dropout_rate) if rng is not None and dropout_rate > 0 else 0.0
+  b, tq, h, _ = q.shape
+  tk = k.shape[1]
+  s = jnp.einsum('bqhd,bkhd->bhqk', q, k).astype(_acc_dtype(q))
+  if causal_offset is not None:
+    s = jnp.where(future_mask(tq, tk, row_start, causal_offset), s, -jnp.inf)
+  p = jax.nn.softmax(s, axis=-1)
+  if rate > 0:
+    keep = dropout_keep_mask(b, h, tq, tk, causal_offset=causal_offset, row_start=row_start,
+                             dropout_rate=rate, rng=rng)
+    p = jnp.where(keep, p / (1.0 - rate), 0.0)
+  return jnp.einsum('bhqk,bkhd->bqhd', p.astype(v.dtype), v)
 
 
 # The native CPU kernel (dmd_jax/csrc/attention_cpu.cc via cpu_kernels): the same function, with
@@ -474,7 +520,8 @@ def _native_attrs(plan: _Plan) -> dict:
 def _native_forward(plan: _Plan, q, k, v, words):
   from dmd_jax.cpu_kernels import TARGETS
   b, tq, h, _ = q.shape
-  out_types = (jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((b, h, tq), q.dtype))
+  out_types = (jax.ShapeDtypeStruct(q.shape, q.dtype),
+               jax.ShapeDtypeStruct((b, h, tq, 2), q.dtype))   # row [max, 1 / normaliser]
   return jax.ffi.ffi_call(TARGETS['forward'][0], out_types, vmap_method='sequential')(
       q, k, v, words, **_native_attrs(plan))
 
@@ -485,16 +532,16 @@ def _native_core(plan: _Plan, q, k, v, words):
 
 
 def _native_core_fwd(plan, q, k, v, words):
-  out, lse = _native_forward(plan, q, k, v, words)
-  return out, (q, k, v, words, out, lse)
+  out, stats = _native_forward(plan, q, k, v, words)
+  return out, (q, k, v, words, out, stats)
 
 
 def _native_core_bwd(plan, residuals, d_out):
   from dmd_jax.cpu_kernels import TARGETS
-  q, k, v, words, out, lse = residuals
+  q, k, v, words, out, stats = residuals
   out_types = tuple(jax.ShapeDtypeStruct(x.shape, x.dtype) for x in (q, k, v))
   dq, dk, dv = jax.ffi.ffi_call(TARGETS['backward'][0], out_types, vmap_method='sequential')(
-      q, k, v, words, out, lse, d_out.astype(q.dtype), **_native_attrs(plan))
+      q, k, v, words, out, stats, d_out.astype(q.dtype), **_native_attrs(plan))
   return dq, dk, dv, None
 
 

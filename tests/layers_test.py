@@ -138,8 +138,10 @@ def test_attention_does_not_depend_on_batch_chunks(tq, tk, offset):
   (l1, g1), (l4, g4) = run(1)(q, k, v), run(4)(q, k, v)
   assert _plan(tq, tk, 0, offset, 0.3, batch=4, chunks=4).loop   # the chunked head loop ran
   np.testing.assert_allclose(l4, l1, rtol=1e-6)
+  # Float32 rounding of the batched products only: within 2e-6 of each gradient's scale (an
+  # element far below the scale inherits the rounding of the large terms summed into it).
   for a, b in zip(g4, g1):
-    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(a, b, rtol=0, atol=2e-6 * float(jnp.max(jnp.abs(b))))
   out2 = attention(q, k, v, causal_offset=offset, dropout_rate=0.3, rng=rng, chunks=2)
   other = attention(q, k, v, causal_offset=offset, dropout_rate=0.3,
                     rng=dropout_key(jax.random.key(8)), chunks=2)

@@ -2,18 +2,20 @@
 //
 // Computes exactly what dmd_jax.layers.attention computes (see _head_forward/_head_backward
 // there): per sample b and head h, scores s = q k^T over the keys a query row may see, the
-// row's log-normaliser lse = max + log(sum exp(s - max) * (1 - rate)), and the output
-// sum_j keep_ij exp(s_ij - lse_i) v_j. Dropout's keep mask uses the same hash bits as
-// dmd_jax.rng.HASH_IMPL: element idx of row block r (row-major over (rows of the block, kmax_r
-// keys)) keeps iff mix(mix(idx ^ k0) + k1) < threshold, with (k0, k1) the block's key.
+// row's max m and reciprocal normaliser r = 1 / (sum_j exp(s_j - m) * (1 - rate)), and the output
+// r_i sum_j keep_ij exp(s_ij - m_i) v_j. The backward pass recomputes the probabilities from m and
+// r exactly as the forward formed them (never as exp(s - lse) from a log-normaliser, whose
+// rounding at the magnitude of lse puts a row-wide error into every probability). Dropout's keep
+// mask uses the same hash bits as dmd_jax.rng.HASH_IMPL: element idx of row block r (row-major
+// over (rows of the block, kmax_r keys)) keeps iff mix(mix(idx ^ k0) + k1) < threshold, with (k0, k1) the block's key.
 //
 // The point of the kernel is the memory traffic: XLA runs every pass over a (Tq, Tk) score
 // tile as its own loop, while here one query row's scores (at most a few thousand floats) stay
 // in L1 from the score product to the value product, in the backward pass too. Work is split
 // over (sample, head) pairs on XLA's intra-op thread pool.
 //
-// Layouts: q (B, Tq, H, D), k and v (B, Tk, H, D), out (B, Tq, H, D), lse (B, H, Tq), keys
-// (B, H, blocks, 2) uint32; float32 throughout.
+// Layouts: q (B, Tq, H, D), k and v (B, Tk, H, D), out (B, Tq, H, D), stats (B, H, Tq, 2) =
+// [m, r] per row, keys (B, H, blocks, 2) uint32; float32 throughout.
 
 #include <algorithm>
 #include <atomic>
@@ -128,7 +130,7 @@ inline void KeepMask(uint32_t base, uint32_t k0, uint32_t k1, uint32_t threshold
 }
 
 void ForwardPair(const Problem& pb, const float* q, const float* k, const float* v,
-                 const uint32_t* keys, float* out, float* lse, int64_t b, int64_t h,
+                 const uint32_t* keys, float* out, float* stats, int64_t b, int64_t h,
                  float* scratch) {
   const int64_t d = pb.dim, tk = pb.tk, nb = static_cast<int64_t>(pb.kmaxs.size());
   float* kt = scratch;
@@ -167,12 +169,14 @@ void ForwardPair(const Problem& pb, const float* q, const float* k, const float*
       for (int64_t j = 0; j < n; ++j) acc += s[j] * vc[j];
       oi[c] = acc * inv;
     }
-    lse[(b * pb.heads + h) * pb.tq + i] = m + std::log(total);
+    float* st = stats + ((b * pb.heads + h) * pb.tq + i) * 2;
+    st[0] = m;
+    st[1] = inv;
   }
 }
 
 void BackwardPair(const Problem& pb, const float* q, const float* k, const float* v,
-                  const uint32_t* keys, const float* out, const float* lse, const float* dout,
+                  const uint32_t* keys, const float* out, const float* stats, const float* dout,
                   float* dq, float* dk, float* dv, int64_t b, int64_t h, float* scratch) {
   const int64_t d = pb.dim, tk = pb.tk, nb = static_cast<int64_t>(pb.kmaxs.size());
   float* kt = scratch;
@@ -194,10 +198,11 @@ void BackwardPair(const Problem& pb, const float* q, const float* k, const float
     const float* doi = dout + at;
     float delta = 0.0f;
     for (int64_t c = 0; c < d; ++c) delta += doi[c] * out[at + c];
-    const float l = lse[(b * pb.heads + h) * pb.tq + i];
+    const float* st = stats + ((b * pb.heads + h) * pb.tq + i) * 2;
+    const float m = st[0], r = st[1];
     Scores(qi, kt, d, tk, n, p);
 #pragma omp simd
-    for (int64_t j = 0; j < n; ++j) p[j] = ExpNonPositive(p[j] - l);   // P / (1 - rate)
+    for (int64_t j = 0; j < n; ++j) p[j] = ExpNonPositive(p[j] - m) * r;   // P / (1 - rate)
     Scores(doi, vt, d, tk, n, dp);                                       // dO . v_j
     if (drop) {
       const uint32_t* key = keys + ((b * pb.heads + h) * nb + row.block) * 2;
@@ -206,7 +211,7 @@ void BackwardPair(const Problem& pb, const float* q, const float* k, const float
 #pragma omp simd
       for (int64_t j = 0; j < n; ++j) {
         const float pz = p[j] * keep[j];
-        const float ds = pz * dp[j] - p[j] * scaled;
+        const float ds = p[j] * (keep[j] * dp[j] - scaled);   // difference first, as autodiff
         p[j] = pz;    // p now holds P * Z (for dv), dp holds ds
         dp[j] = ds;
       }
@@ -342,7 +347,7 @@ inline __m256 Dot8(const float* x, const float* t, int64_t j) {
 
 template <int D>
 void ForwardPair8(const Problem& pb, const float* q, const float* k, const float* v,
-                  const uint32_t* keys, float* out, float* lse, int64_t b, int64_t h,
+                  const uint32_t* keys, float* out, float* stats, int64_t b, int64_t h,
                   float* scratch) {
   const int64_t stride = RoundUp8(pb.tk), nb = static_cast<int64_t>(pb.kmaxs.size());
   float* kt = scratch;
@@ -381,9 +386,12 @@ void ForwardPair8(const Problem& pb, const float* q, const float* k, const float
     }
     float total = HorizontalSum(total8);
     if (drop) total *= 1.0f - pb.rate;
+    const float inv = 1.0f / total;
     float* oi = out + ((b * pb.tq + i) * pb.heads + h) * D;
-    for (int c = 0; c < D; ++c) oi[c] = HorizontalSum(acc[c]) / total;
-    lse[(b * pb.heads + h) * pb.tq + i] = HorizontalMax(m8) + std::log(total);
+    for (int c = 0; c < D; ++c) oi[c] = HorizontalSum(acc[c]) * inv;
+    float* st = stats + ((b * pb.heads + h) * pb.tq + i) * 2;
+    st[0] = HorizontalMax(m8);
+    st[1] = inv;
   }
 }
 
@@ -393,7 +401,7 @@ void ForwardPair8(const Problem& pb, const float* q, const float* k, const float
 // load/store traffic, not the FMAs, bounds a one-row sweep); each row's ds goes to a row buffer,
 // from which a second, register-resident sweep forms dq.
 template <int D, int R>
-inline void BackwardRows8(const Problem& pb, const float* q, const float* out, const float* lse,
+inline void BackwardRows8(const Problem& pb, const float* q, const float* out, const float* stats,
                           const float* dout, const uint32_t* keys, float* dq, int64_t b,
                           int64_t h, int64_t i0, const float* kt, const float* vt, float* dkt,
                           float* dvt, float* dsbuf, int64_t stride) {
@@ -402,7 +410,7 @@ inline void BackwardRows8(const Problem& pb, const float* q, const float* out, c
   int64_t n[R], at[R];
   uint32_t base[R];
   const uint32_t* key[R];
-  __m256 l[R], scaled[R];
+  __m256 m[R], inv[R], scaled[R];
   int64_t nmax = 0;
   for (int r = 0; r < R; ++r) {
     const Row row = RowOf(pb, i0 + r);
@@ -412,20 +420,26 @@ inline void BackwardRows8(const Problem& pb, const float* q, const float* out, c
     at[r] = ((b * pb.tq + i0 + r) * pb.heads + h) * D;
     float delta = 0.0f;
     for (int c = 0; c < D; ++c) delta += dout[at[r] + c] * out[at[r] + c];
-    l[r] = _mm256_set1_ps(lse[(b * pb.heads + h) * pb.tq + i0 + r]);
+    const float* st = stats + ((b * pb.heads + h) * pb.tq + i0 + r) * 2;
+    m[r] = _mm256_set1_ps(st[0]);
+    inv[r] = _mm256_set1_ps(st[1]);
     scaled[r] = _mm256_set1_ps(drop ? (1.0f - pb.rate) * delta : delta);
     key[r] = keys + ((b * pb.heads + h) * nb + row.block) * 2;
   }
   for (int64_t j = 0; j < nmax; j += kLanes) {
     __m256 ds[R], pz[R];
     for (int r = 0; r < R; ++r) {
-      const __m256 p = _mm256_and_ps(Exp8(_mm256_sub_ps(Dot8<D>(q + at[r], kt, j), l[r])),
-                                     Visible8(j, n[r]));                   // P / (1 - rate)
+      const __m256 p = _mm256_and_ps(
+          _mm256_mul_ps(Exp8(_mm256_sub_ps(Dot8<D>(q + at[r], kt, j), m[r])), inv[r]),
+          Visible8(j, n[r]));                                                 // P / (1 - rate)
       const __m256 dp = Dot8<D>(dout + at[r], vt, j);              // dO . v_j
       if (drop) {
-        pz[r] = _mm256_and_ps(p, Keep8(base[r] + static_cast<uint32_t>(j), key[r][0], key[r][1],
-                                       pb.threshold));
-        ds[r] = _mm256_fnmadd_ps(p, scaled[r], _mm256_mul_ps(pz[r], dp));
+        const __m256 keep = Keep8(base[r] + static_cast<uint32_t>(j), key[r][0], key[r][1],
+                                  pb.threshold);
+        pz[r] = _mm256_and_ps(p, keep);
+        // difference first, then the scaling by p (as autodiff of softmax): where one key
+        // dominates a row, dp and delta cancel and the rounding stays relative to the difference
+        ds[r] = _mm256_mul_ps(p, _mm256_sub_ps(_mm256_and_ps(dp, keep), scaled[r]));
       } else {
         pz[r] = p;
         ds[r] = _mm256_mul_ps(p, _mm256_sub_ps(dp, scaled[r]));
@@ -458,7 +472,7 @@ inline void BackwardRows8(const Problem& pb, const float* q, const float* out, c
 
 template <int D>
 void BackwardPair8(const Problem& pb, const float* q, const float* k, const float* v,
-                   const uint32_t* keys, const float* out, const float* lse, const float* dout,
+                   const uint32_t* keys, const float* out, const float* stats, const float* dout,
                    float* dq, float* dk, float* dv, int64_t b, int64_t h, float* scratch) {
   const int64_t tk = pb.tk, stride = RoundUp8(tk);
   float* kt = scratch;
@@ -471,10 +485,10 @@ void BackwardPair8(const Problem& pb, const float* q, const float* k, const floa
   std::fill(dkt, dkt + 2 * D * stride, 0.0f);
   int64_t i = 0;
   for (; i + 2 <= pb.tq; i += 2) {
-    BackwardRows8<D, 2>(pb, q, out, lse, dout, keys, dq, b, h, i, kt, vt, dkt, dvt, dsbuf, stride);
+    BackwardRows8<D, 2>(pb, q, out, stats, dout, keys, dq, b, h, i, kt, vt, dkt, dvt, dsbuf, stride);
   }
   if (i < pb.tq) {
-    BackwardRows8<D, 1>(pb, q, out, lse, dout, keys, dq, b, h, i, kt, vt, dkt, dvt, dsbuf, stride);
+    BackwardRows8<D, 1>(pb, q, out, stats, dout, keys, dq, b, h, i, kt, vt, dkt, dvt, dsbuf, stride);
   }
   for (int64_t j = 0; j < tk; ++j) {
     float* dkj = dk + ((b * tk + j) * pb.heads + h) * D;
@@ -570,7 +584,7 @@ ffi::Error MakeProblem(const ffi::Buffer<ffi::F32>& q, const ffi::Buffer<ffi::F3
 
 ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
                    ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::U32> keys,
-                   ffi::ResultBuffer<ffi::F32> out, ffi::ResultBuffer<ffi::F32> lse,
+                   ffi::ResultBuffer<ffi::F32> out, ffi::ResultBuffer<ffi::F32> stats,
                    int64_t row_start, int64_t offset, float rate, int64_t threshold,
                    ffi::Span<const int64_t> bounds, ffi::Span<const int64_t> kmaxs) {
   Problem pb;
@@ -580,7 +594,7 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ff
   }
   const float *qp = q.typed_data(), *kp = k.typed_data(), *vp = v.typed_data();
   const uint32_t* kyp = keys.typed_data();
-  float *op = out->typed_data(), *lp = lse->typed_data();
+  float *op = out->typed_data(), *lp = stats->typed_data();
 #ifdef DMD_AVX2
   if (ForwardFn fn = Widths::Forward(pb.dim)) {
     const int64_t scratch = (2 * pb.dim + 1) * RoundUp8(pb.tk) + 16;
@@ -600,7 +614,7 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ff
 
 ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
                     ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::U32> keys,
-                    ffi::Buffer<ffi::F32> out, ffi::Buffer<ffi::F32> lse,
+                    ffi::Buffer<ffi::F32> out, ffi::Buffer<ffi::F32> stats,
                     ffi::Buffer<ffi::F32> dout, ffi::ResultBuffer<ffi::F32> dq,
                     ffi::ResultBuffer<ffi::F32> dk, ffi::ResultBuffer<ffi::F32> dv,
                     int64_t row_start, int64_t offset, float rate, int64_t threshold,
@@ -611,7 +625,7 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<f
     return err;
   }
   const float *qp = q.typed_data(), *kp = k.typed_data(), *vp = v.typed_data();
-  const float *op = out.typed_data(), *lp = lse.typed_data(), *dop = dout.typed_data();
+  const float *op = out.typed_data(), *lp = stats.typed_data(), *dop = dout.typed_data();
   const uint32_t* kyp = keys.typed_data();
   float *dqp = dq->typed_data(), *dkp = dk->typed_data(), *dvp = dv->typed_data();
 #ifdef DMD_AVX2
