@@ -1,4 +1,4 @@
-r"""CMU-MOSI with the released DMD hyper-parameters (spec §1.4).
+r"""CMU-MOSI with the released DMD hyper-parameters (spec §1.4); the base of every run config.
 
     python -m dmd_jax.main --config=configs/mosi.py --workdir=runs/mosi     # word-aligned (default)
     python -m dmd_jax.main --config=configs/mosi.py:unaligned --workdir=runs/mosi_u
@@ -7,14 +7,25 @@ r"""CMU-MOSI with the released DMD hyper-parameters (spec §1.4).
 Data: the prepared dataset DATA_DIR/mmsa/mosi_<alignment>/1.0.0 (python -m data_prep.mmsa).
 """
 
+import dataclasses
+
 import ml_collections
+
+from dmd_jax.config import reference_config
 
 
 def get_config(alignment: str = 'aligned') -> ml_collections.ConfigDict:
+  return base_config('mosi', alignment)
+
+
+def base_config(dataset: str, alignment: str) -> ml_collections.ConfigDict:
+  """The run config of `dataset` with the released hyper-parameters (dmd_jax.config holds them;
+  every model field below can be overridden with --config.model.<field>=...)."""
   if alignment not in ('aligned', 'unaligned'):
     raise ValueError(f"config argument must be 'aligned' or 'unaligned', got {alignment!r}")
+  ref = reference_config(dataset, alignment == 'aligned')
   c = ml_collections.ConfigDict()
-  c.dataset = 'mosi'                    # 'mosi' or 'mosei'
+  c.dataset = dataset                   # 'mosi' or 'mosei'
   c.aligned = alignment == 'aligned'    # aligned_50.pkl (lengths 50/50/50) or unaligned_50.pkl
   # Text encoder: a local Hugging Face BERT directory (config.json + model.safetensors), a hub id
   # (needs network or a warm huggingface_hub cache), or 'random' for a randomly initialised
@@ -25,21 +36,25 @@ def get_config(alignment: str = 'aligned') -> ml_collections.ConfigDict:
       intermediate_size=3072))
 
   m = c.model = ml_collections.ConfigDict()
-  m.d = 50                       # dst_feature_dim: width of every projection
-  m.num_heads = 10               # attention heads in every transformer
-  m.nlevels = 4                  # transformer depth
-  m.kernel_sizes = (5, 5, 5)     # temporal Conv1d kernels (l, a, v)
-  m.attn_dropout = 0.3           # transformers l/al/vl and the *_mem ones
-  m.attn_dropout_a = 0.2         # transformers a/la/va
-  m.attn_dropout_v = 0.0         # transformers v/lv/av
-  m.relu_dropout = 0.0           # after the FFN ReLU
-  m.embed_dropout = 0.2          # on the scaled, position-embedded transformer inputs
-  m.res_dropout = 0.0            # before each residual add
-  m.output_dropout = 0.5         # inside every residual prediction head
-  m.text_dropout = 0.5           # on the BERT output
-  m.attn_mask = True             # offset causal masks in every transformer
-  m.dropout_rng = 'hash'         # fast counter-based dropout masks; 'threefry' = JAX default
-  m.compute_dtype = 'float32'    # 'bfloat16': bf16 matmuls, float32 params/optimizer/losses
+  m.d = ref.d                    # dst_feature_dim: width of every projection
+  m.num_heads = ref.num_heads    # attention heads in every transformer
+  m.nlevels = ref.nlevels        # transformer depth
+  m.kernel_sizes = ref.kernel_sizes      # temporal Conv1d kernels (l, a, v)
+  m.attn_dropout = ref.attn_dropout      # transformers l/al/vl and the *_mem ones
+  m.attn_dropout_a = ref.attn_dropout_a  # transformers a/la/va
+  m.attn_dropout_v = ref.attn_dropout_v  # transformers v/lv/av
+  m.relu_dropout = ref.relu_dropout      # after the FFN ReLU
+  m.embed_dropout = ref.embed_dropout    # on the scaled, position-embedded transformer inputs
+  m.res_dropout = ref.res_dropout        # before each residual add
+  m.output_dropout = ref.output_dropout  # inside every residual prediction head
+  m.text_dropout = ref.text_dropout      # on the BERT output
+  m.attn_mask = ref.attn_mask            # offset causal masks in every transformer
+  m.dropout_rng = ref.dropout_rng        # 'hash': fast counter-based masks; 'threefry': JAX's
+  m.compute_dtype = ref.compute_dtype    # 'bfloat16': bf16 matmuls, float32 params/losses
+  # How attention and layer stacks are computed (same values either way; AttentionConfig):
+  # impl 'fast' | 'plain', head_loop / native 'auto' | 'on' | 'off', layer_loop 'auto' | 'scan'
+  # | 'unroll'.
+  m.attention = ml_collections.ConfigDict(dataclasses.asdict(ref.attention))
 
   c.batch_size = 16              # reference batch size (train/valid/test)
   c.learning_rate = 1e-4         # Adam, one rate for every parameter (BERT included)

@@ -12,7 +12,7 @@ stay light (TFDS is only imported by the builder).
 import importlib
 
 _EXPORTS = {
-    'Mmsa': 'builder', 'dataset_dir': 'builder', 'prepare': 'builder',
+    'Mmsa': 'builder', 'prepare': 'builder',
     'MMSA_SHA256': 'mmsa_format', 'HashMismatchWarning': 'mmsa_format',
     'MmsaFormatError': 'mmsa_format', 'load_source': 'mmsa_format', 'setting_name': 'mmsa_format',
     'generate': 'synthetic', 'write_pickle': 'synthetic',

@@ -5,7 +5,7 @@
     # -> ~/tfds/mmsa/mosi_unaligned/1.0.0/{mmsa-train.array_record-00000-of-00001, ...}
 
 The dataset is read back with `tfds.builder_from_directory(path)` (no import of this module
-needed), e.g. by `dmd_jax.input_pipeline`.
+needed), e.g. by `dmd_jax.data.pipeline`.
 """
 
 from __future__ import annotations
@@ -20,10 +20,11 @@ import tensorflow_datasets as tfds
 from tensorflow_datasets.core import shuffle as tfds_shuffle
 
 from data_prep import mmsa_format
+from dmd_jax import schema
 from data_prep.mmsa_format import MmsaSource
 
 FILE_FORMATS = ('array_record', 'tfrecord')
-VERSION = '1.0.0'
+VERSION = schema.DATASET_VERSION
 # Examples are keyed in file order and spread over TFDS's 128-bit key space, so with shuffling
 # disabled the splits keep the pickle's order and, once TFDS spills to disk, each of its 1000
 # sort buckets holds a thousandth of a split instead of all of it.
@@ -134,12 +135,6 @@ def require_tensorflow() -> None:
         "file_format='array_record' needs no TensorFlow") from e
 
 
-def dataset_dir(data_dir: str | os.PathLike, dataset: str, aligned: bool) -> str:
-  """Where `prepare` writes a setting: DATA_DIR/mmsa/<dataset>_<alignment>/<version>."""
-  return os.path.join(os.path.expanduser(os.fspath(data_dir)), 'mmsa',
-                      mmsa_format.setting_name(dataset, aligned), VERSION)
-
-
 def prepare(pickle_path: str | os.PathLike, dataset: str, aligned: bool,
             data_dir: str | os.PathLike, *, file_format: str = 'array_record',
             num_shards: int | None = None, nonfinite: str = 'error', check_sha256: bool = True,
@@ -156,7 +151,7 @@ def prepare(pickle_path: str | os.PathLike, dataset: str, aligned: bool,
   if num_shards is not None and num_shards < 1:
     raise ValueError(f'num_shards must be >= 1, got {num_shards}')
   dataset, aligned = mmsa_format.check_setting(dataset, aligned)
-  out = dataset_dir(data_dir, dataset, aligned)
+  out = schema.dataset_path(data_dir, dataset, aligned)
   if os.path.exists(out) and not overwrite:
     raise FileExistsError(f'{out} already exists; pass overwrite=True (--overwrite) to rebuild')
 

@@ -19,22 +19,9 @@ from typing import Any, Mapping
 
 import numpy as np
 
-SPLITS = ('train', 'valid', 'test')
-DATASETS = ('mosi', 'mosei')
-TEXT_LEN = 50                      # BERT word pieces per utterance (rows of `text_bert`)
-FEATURE_DIMS = {'mosi': (5, 20), 'mosei': (74, 35)}            # (audio, vision) widths
-SEQ_LENS = {('mosi', True): (50, 50), ('mosi', False): (375, 500),  # (audio, vision) lengths
-            ('mosei', True): (50, 50), ('mosei', False): (500, 500)}
-SPLIT_SIZES = {'mosi': (1284, 229, 686), 'mosei': (16326, 1871, 4659)}
-FILE_NAMES = {True: 'aligned_50.pkl', False: 'unaligned_50.pkl'}
-
-# SHA-256 of the four files as published in the MMSA README (spec §5).
-MMSA_SHA256 = {
-    ('mosi', True): 'd3994fd25681f9c7ad6e9c6596a6fe9b4beb85ff7d478ba978b124139002e5f9',
-    ('mosi', False): '78e0f8b5ef8ff71558e7307848fc1fa929ecb078203f565ab22b9daab2e02524',
-    ('mosei', True): '45eccfb748a87c80ecab9bfac29582e7b1466bf6605ff29d3b338a75120bf791',
-    ('mosei', False): 'ad8b23d50557045e7d47959ce6c5b955d8d983f2979c7d9b7b9226f6dd6fec1f',
-}
+# The dataset facts (splits, lengths, widths, file names, MMSA's hashes) live in dmd_jax.schema.
+from dmd_jax.schema import (AV_DIMS, AV_LENS, DATASETS, FILE_NAMES, MMSA_SHA256,  # noqa: F401
+                            SPLIT_SIZES, SPLITS, TEXT_LEN, check_setting, setting_name)
 
 NONFINITE_MODES = ('error', 'zero')
 _BLOCK = 512                       # rows per block when scanning large arrays
@@ -50,22 +37,10 @@ class HashMismatchWarning(UserWarning):
   """The pickle is not byte-identical to the MMSA release (custom features are allowed)."""
 
 
-def setting_name(dataset: str, aligned: bool) -> str:
-  return f"{dataset}_{'aligned' if aligned else 'unaligned'}"
-
-
-def check_setting(dataset: str, aligned: Any) -> tuple[str, bool]:
-  if dataset not in DATASETS:
-    raise ValueError(f'dataset must be one of {DATASETS}, got {dataset!r}')
-  if not isinstance(aligned, (bool, np.bool_)):
-    raise ValueError(f'aligned must be a bool, got {aligned!r}')
-  return dataset, bool(aligned)
-
-
 def expected_shapes(dataset: str, aligned: bool) -> dict[str, tuple[int, ...]]:
   """Per-sample shapes of the keys DMD reads."""
-  t_a, t_v = SEQ_LENS[check_setting(dataset, aligned)]
-  d_a, d_v = FEATURE_DIMS[dataset]
+  t_a, t_v = AV_LENS[check_setting(dataset, aligned)]
+  d_a, d_v = AV_DIMS[dataset]
   return {'text_bert': (3, TEXT_LEN), 'audio': (t_a, d_a), 'vision': (t_v, d_v)}
 
 

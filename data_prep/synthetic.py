@@ -21,12 +21,12 @@ from __future__ import annotations
 import inspect
 import os
 import pickle
-import tempfile
 from typing import Sequence
 
 import numpy as np
 
 from data_prep import mmsa_format
+from dmd_jax.io import atomic_open
 
 TEXT_FEATURE_DIM = 768
 
@@ -177,7 +177,7 @@ def generate(dataset: str, aligned: bool, sizes: Sequence[int] | None = None, *,
     neg_inf_fraction = 0.01 if dataset == 'mosei' else 0.0
   tok = _tokenizer(vocab)
   rs = np.random.default_rng(seed)
-  d_a, d_v = mmsa_format.FEATURE_DIMS[dataset]
+  d_a, d_v = mmsa_format.AV_DIMS[dataset]
   unit = lambda v: (v / np.linalg.norm(v)).astype(np.float32)
   directions = {'audio': unit(rs.normal(size=d_a)), 'vision': unit(rs.normal(size=d_v)),
                 'inf_cols': np.sort(rs.choice(d_a, min(3, d_a), replace=False)),
@@ -190,19 +190,8 @@ def generate(dataset: str, aligned: bool, sizes: Sequence[int] | None = None, *,
 def write_pickle(data: dict, path: str | os.PathLike) -> str:
   """Write atomically (temp file in the same folder, then rename)."""
   path = os.path.abspath(os.fspath(path))
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix='.tmp-', suffix='.pkl')
-  try:
-    with os.fdopen(fd, 'wb') as f:
-      pickle.dump(data, f, protocol=4)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)             # mkstemp's 0600 -> the usual permissions
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
+  with atomic_open(path) as f:
+    pickle.dump(data, f, protocol=4)
   return path
 
 

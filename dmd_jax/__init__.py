@@ -1,15 +1,37 @@
-"""dmd_jax: Decoupled Multimodal Distilling (DMD, CVPR 2023) in JAX/Flax."""
+"""dmd_jax: Decoupled Multimodal Distilling (DMD, CVPR 2023) for emotion recognition in JAX/Flax.
 
-from dmd_jax.api import (TrainState, build_model, check_batch, compute_loss, create_train_state,
-                         dummy_batch, forward, init_params, make_train_step, random_batch,
-                         train_step)
-from dmd_jax.bert import BertModel, load_bert
-from dmd_jax.checkpoint import (export_reference, import_reference, load_state_dict,
-                                restore_params, save_params)
-from dmd_jax.config import BertConfig, DMDConfig, reference_config
-from dmd_jax.distill import EDGE_NAMES, edges_to_matrix
-from dmd_jax.losses import dmd_losses
-from dmd_jax.models import DMD
-from dmd_jax.optim import accumulate_clipped, reference_optimizer, reset_window, set_learning_rate
+Stages, each a subpackage that imports only the ones before it:
+  schema, config, io  ->  data  ->  model  ->  objective  ->  analysis  ->  training  ->  entry
+points (main, benchmark, export_edges, import_reference). See docs/architecture.md.
 
-__version__ = '0.1.0'
+The names below are the public API; they are imported on first use, so `import dmd_jax` (or
+`dmd_jax.schema` from data_prep) stays light and initialises no JAX backend.
+"""
+
+import importlib
+
+__version__ = '0.2.0'
+
+_EXPORTS = {
+    'BertConfig': 'config', 'DMDConfig': 'config', 'AttentionConfig': 'config',
+    'DictionaryConfig': 'config', 'reference_config': 'config',
+    'DMD': 'model', 'BertModel': 'model', 'init_params': 'model', 'forward': 'model',
+    'load_bert': 'model', 'edges_to_matrix': 'model',
+    'compute_loss': 'objective', 'dmd_losses': 'objective',
+    'dummy_batch': 'data.batch', 'random_batch': 'data.batch', 'check_batch': 'data.batch',
+    'TrainState': 'training.state', 'create_train_state': 'training.state',
+    'train_step': 'training.state', 'make_train_step': 'training.state',
+    'reference_optimizer': 'training.optim', 'accumulate_clipped': 'training.optim',
+    'reset_window': 'training.optim', 'set_learning_rate': 'training.optim',
+    'EDGE_NAMES': 'schema', 'MODALITIES': 'schema',
+    'import_reference': 'training.checkpoints', 'export_reference': 'training.checkpoints',
+    'save_params': 'training.checkpoints', 'restore_params': 'training.checkpoints',
+    'load_state_dict': 'model.state_dict',
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name):
+  if name in _EXPORTS:
+    return getattr(importlib.import_module(f'dmd_jax.{_EXPORTS[name]}'), name)
+  raise AttributeError(f'module {__name__!r} has no attribute {name!r}')

@@ -6,7 +6,9 @@ modules are hashable, jit-static and validated once.
 
 Reference values come from the released `config/config.json` and `run.py` of the PyTorch code
 (spec §1.4). Modality order inside the GD-Units is always (l, v, a); feature tuples use the MMSA
-order (t, a, v).
+order (t, a, v) (dmd_jax.schema). How the network is computed (attention paths, layer loops,
+precision, dropout generator) is part of the config too, so it is part of every compiled
+function's cache key.
 """
 
 from __future__ import annotations
@@ -18,7 +20,8 @@ from typing import Any, Mapping, Optional
 
 import numpy as np
 
-MODALITIES = ('l', 'v', 'a')  # Node order of both GD-Units (spec §1.4: to_idx = from_idx = [0,1,2]).
+from dmd_jax import schema
+
 DROPOUT_RNGS = ('hash', 'threefry')  # dmd_jax/rng.py
 COMPUTE_DTYPES = ('float32', 'bfloat16')  # dmd_jax/precision.py
 DICT_POOLS = ('max', 'mean')                       # dmd_jax/dictionary.py
@@ -143,6 +146,46 @@ class DictionaryConfig:
     return self.temperature_end is not None and self.anneal_steps > 0
 
 
+ATTENTION_IMPLS = ('fast', 'plain')
+AUTO_ON_OFF = ('auto', 'on', 'off')
+LAYER_LOOPS = ('auto', 'scan', 'unroll')
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionConfig:
+  """How the MulT attention and layer stacks are computed; every choice gives the same values
+  and gradients to float32 rounding (tests/attention_test.py, tests/layers_test.py)."""
+  # 'fast': memory-saving paths with a hand-written backward (dmd_jax/model/attention.py);
+  # 'plain': dropout(softmax(q k^T + mask)) v for all heads at once, gradients by autodiff.
+  impl: str = 'fast'
+  # Per-head loop (lax.map) with batch chunks and causal row blocks: 'auto' = on CPU where a
+  # head's scores have >= 128 x 128 entries; 'on' / 'off' force it (analysis, tests).
+  head_loop: str = 'auto'
+  # The native CPU kernel (dmd_jax/model/csrc/attention_cpu.cc): 'auto' = for the head-loop
+  # sizes on a single CPU device in float32 with hash or no dropout, when it builds; 'on' = also
+  # across devices, an error if it cannot be used; 'off' = never.
+  native: str = 'auto'
+  # MulT layer stacks: 'scan' (one lax.scan over stacked layer parameters), 'unroll', or 'auto'
+  # (on CPU unrolled where a layer's activations have >= 2^15 elements, else scanned).
+  layer_loop: str = 'auto'
+
+  def __post_init__(self):
+    for name, allowed in (('impl', ATTENTION_IMPLS), ('head_loop', AUTO_ON_OFF),
+                          ('native', AUTO_ON_OFF), ('layer_loop', LAYER_LOOPS)):
+      if getattr(self, name) not in allowed:
+        raise ValueError(f'AttentionConfig.{name}: must be one of {allowed}, got '
+                         f'{getattr(self, name)!r}')
+
+  @classmethod
+  def from_dict(cls, d: Mapping[str, Any]) -> 'AttentionConfig':
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - names)
+    if unknown:
+      raise ValueError(f'config.model.attention has unknown key(s) {unknown}; known: '
+                       f'{sorted(names)}')
+    return cls(**d)
+
+
 @dataclasses.dataclass(frozen=True)
 class DMDConfig:
   """Everything that defines the DMD network and its objective.
@@ -153,9 +196,9 @@ class DMDConfig:
   dataset: str = 'mosi'
   aligned: bool = True
   # Input feature widths (t, a, v); t must equal the text encoder's hidden size.
-  feature_dims: tuple[int, int, int] = (768, 5, 20)
+  feature_dims: tuple[int, int, int] = schema.feature_dims('mosi')
   # Sequence lengths (t, a, v). The reference hard-codes them; they size the flatten-Linears.
-  seq_lens: tuple[int, int, int] = (50, 50, 50)
+  seq_lens: tuple[int, int, int] = schema.seq_lens('mosi', True)
   d: int = 50                    # dst_feature_dim: common width of every projection.
   num_heads: int = 10
   nlevels: int = 4               # Depth of every transformer (the *_mem ones use max(nlevels, 3)).
@@ -184,13 +227,15 @@ class DMDConfig:
   decouple_weight: float = 0.1   # lambda_1, cycle + reconstruction + gamma * (margin + ort).
   margin_ort_weight: float = 0.1  # gamma.
   margin_scale: float = 0.15     # Hinge margin per unit of label difference.
-  # Execution: which generator draws the dropout masks (dmd_jax/rng.py).
+  # Execution: which generator draws the dropout masks (dmd_jax/model/rng.py).
   dropout_rng: str = 'hash'      # dropout masks from dmd_jax.rng.HASH_IMPL, or 'threefry'.
   # 'bfloat16': matmuls and activations in bf16; parameters, optimizer state, LayerNorm, softmax,
-  # GD-Units and losses stay float32 (dmd_jax/precision.py).
+  # GD-Units and losses stay float32 (dmd_jax/model/precision.py).
   compute_dtype: str = 'float32'
-  # DHMD (dmd_jax/dictionary.py): a modality-shared dictionary per space; None = DMD.
+  # DHMD (dmd_jax/model/dictionary.py): a modality-shared dictionary per space; None = DMD.
   dictionary: Optional[DictionaryConfig] = None
+  # How attention and the layer stacks are computed (same values either way).
+  attention: AttentionConfig = AttentionConfig()
 
   def __post_init__(self):
     def fail(field, msg):
@@ -259,19 +304,12 @@ class DMDConfig:
     return dataclasses.replace(self, **kw)
 
 
-# The four reference settings (spec §1.4 and §2.1). Lengths are (t, a, v); the reference's
-# MOSI-unaligned lengths are audio 375 and vision 500.
+# The released hyper-parameters per dataset (spec §1.4 and §2.1): MOSI's are DMDConfig's
+# defaults; lengths and feature widths come from dmd_jax.schema.
 _DATASET = {
-    'mosi': dict(feature_dims=(768, 5, 20), d=50, num_heads=10, kernel_sizes=(5, 5, 5),
-                 attn_dropout=0.3, attn_dropout_a=0.2, attn_dropout_v=0.0, relu_dropout=0.0,
-                 embed_dropout=0.2, res_dropout=0.0, output_dropout=0.5, text_dropout=0.5),
-    'mosei': dict(feature_dims=(768, 74, 35), d=30, num_heads=6, kernel_sizes=(5, 1, 3),
-                  attn_dropout=0.4, attn_dropout_a=0.0, attn_dropout_v=0.0, relu_dropout=0.0,
-                  embed_dropout=0.0, res_dropout=0.0, output_dropout=0.5, text_dropout=0.3),
-}
-_SEQ_LENS = {
-    ('mosi', True): (50, 50, 50), ('mosi', False): (50, 375, 500),
-    ('mosei', True): (50, 50, 50), ('mosei', False): (50, 500, 500),
+    'mosi': {},
+    'mosei': dict(d=30, num_heads=6, kernel_sizes=(5, 1, 3), attn_dropout=0.4, attn_dropout_a=0.0,
+                  attn_dropout_v=0.0, embed_dropout=0.0, text_dropout=0.3),
 }
 
 
@@ -284,17 +322,16 @@ def reference_config(dataset: str = 'mosi', aligned: bool = True,
   """
   if dataset not in _DATASET:
     raise ValueError(f"dataset must be 'mosi' or 'mosei', got {dataset!r}")
-  kw = dict(_DATASET[dataset], dataset=dataset, aligned=aligned,
-            seq_lens=_SEQ_LENS[(dataset, bool(aligned))])
   bert = bert or BertConfig()
-  kw['bert'] = bert
-  kw['feature_dims'] = (bert.hidden_size,) + tuple(kw['feature_dims'][1:])
+  kw = dict(_DATASET[dataset], dataset=dataset, aligned=aligned, bert=bert,
+            seq_lens=schema.seq_lens(dataset, bool(aligned)),
+            feature_dims=schema.feature_dims(dataset, bert.hidden_size))
   kw.update(overrides)
   return DMDConfig(**kw)
 
 
 _RUN_MODEL_KEYS = ('d', 'num_heads', 'nlevels', 'kernel_sizes', 'attn_mask',
-                   'dropout_rng', 'compute_dtype', 'dictionary') + DROPOUT_FIELDS
+                   'dropout_rng', 'compute_dtype', 'dictionary', 'attention') + DROPOUT_FIELDS
 
 
 def from_run_config(run: Mapping[str, Any], bert: BertConfig) -> DMDConfig:
@@ -307,4 +344,8 @@ def from_run_config(run: Mapping[str, Any], bert: BertConfig) -> DMDConfig:
   model['kernel_sizes'] = tuple(model['kernel_sizes'])
   if model.get('dictionary') is not None:
     model['dictionary'] = DictionaryConfig.from_dict(dict(model['dictionary']))
+  if model.get('attention') is not None:
+    model['attention'] = AttentionConfig.from_dict(dict(model['attention']))
+  else:
+    model.pop('attention', None)
   return reference_config(run['dataset'], bool(run['aligned']), bert=bert, **model)

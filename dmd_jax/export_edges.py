@@ -12,6 +12,9 @@ edges_<split>_heatmap.png / .svg. The run's settings come from WORKDIR/config.js
 
 from absl import app, flags
 
+from dmd_jax.training import experiment
+from dmd_jax.training.run_config import load_run_config
+
 _WORKDIR = flags.DEFINE_string('workdir', None, 'The --workdir of a training run.')
 _SPLIT = flags.DEFINE_enum('split', 'test', ['train', 'valid', 'test'], 'Which split.')
 _SEED = flags.DEFINE_integer('seed', None, "Whose best params (default: the run's first seed).")
@@ -23,8 +26,7 @@ flags.mark_flag_as_required('workdir')
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  from dmd_jax import experiment  # pylint: disable=import-outside-toplevel
-  run = experiment.load_run_config(_WORKDIR.value)
+  run = load_run_config(_WORKDIR.value)
   if _DATA_DIR.value:
     run.data_dir = _DATA_DIR.value
   experiment.export_edges(run, _WORKDIR.value, _SPLIT.value, _SEED.value, _CHECKPOINT.value)

@@ -15,6 +15,8 @@ from __future__ import annotations
 from absl import app, flags
 from ml_collections import config_flags
 
+from dmd_jax.training.checkpoints import import_to_checkpoint
+
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Run configuration (configs/*.py).',
                                           lock_config=True)
 _DMD = flags.DEFINE_string('dmd', None, 'Reference DMD state dict (.pth or .npz).')
@@ -32,7 +34,6 @@ def main(argv):
   for name, flag in (('config', _CONFIG.value), ('dmd', _DMD.value), ('out', _OUT.value)):
     if flag is None:
       raise app.UsageError(f'--{name} is required')
-  from dmd_jax.checkpoint import import_to_checkpoint
   path = import_to_checkpoint(_CONFIG.value, _DMD.value, _OUT.value, _HOMO.value,
                               _HETERO.value, _BERT_CONFIG.value, _SEED.value)
   print(f'wrote {path}')

@@ -24,6 +24,12 @@ import jax
 import numpy as np
 from ml_collections import config_flags
 
+from dmd_jax.data.batch import random_batch
+from dmd_jax.training import experiment
+from dmd_jax.training.optim import reference_optimizer
+from dmd_jax.training.run_config import model, validate_run
+from dmd_jax.training.state import create_train_state, make_train_step
+
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Run configuration file (configs/*.py).',
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints, logs and results.')
@@ -31,15 +37,11 @@ _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints, logs
 
 def smoke(run) -> dict[str, float]:
   """A few accumulated train steps on random inputs of the configuration's shapes."""
-  import dmd_jax
-  from dmd_jax.experiment import model
-
   cfg, init = model(run)
-  params = init(0)
-  tx = dmd_jax.reference_optimizer(run.learning_rate, run.update_epochs, run.grad_clip)
-  state = dmd_jax.create_train_state(params, tx)
-  step = dmd_jax.make_train_step(cfg)
-  batch = dmd_jax.random_batch(cfg, run.batch_size)
+  tx = reference_optimizer(run.learning_rate, run.update_epochs, run.grad_clip)
+  state = create_train_state(init(0), tx)
+  step = make_train_step(cfg)
+  batch = random_batch(cfg, run.batch_size)
   key = jax.random.key(0)
   t0 = time.perf_counter()
   state, metrics = step(state, batch, key)
@@ -80,8 +82,7 @@ def main(argv):
     return
   if not _WORKDIR.value:
     raise app.UsageError('--workdir is required for training and evaluation')
-  from dmd_jax import experiment  # pylint: disable=import-outside-toplevel
-  experiment.validate_run(run)
+  validate_run(run)
   start_distributed(run)
   if jax.process_index() != 0 or not flags.FLAGS['verbosity'].present:
     logging.set_verbosity(logging.WARNING)     # orbax/TFDS chatter; --verbosity=0 shows it

@@ -1,31 +1,256 @@
-"""The fast attention's gradients against autodiff of the plain softmax attention.
-
-Two levels:
-  * one attention call, every path (vmap, per-head loop with row blocks, native CPU kernel),
-    with and without dropout and causal mask, against a float64 evaluation: the fast backward
-    must be as accurate as float32 autodiff of `plain_attention`;
-  * the whole DMD loss at the full widths and head counts of the reference settings: the
-    gradient through the fast backward against the gradient through autodiff of
-    `plain_attention`, every tensor within 1e-4 of its scale.
+"""MulT attention: the fast paths (vmap, per-head loop with row blocks and batch chunks, native
+CPU kernel) against the plain form, values, gradients and dropout masks; their gradients'
+accuracy against float64; and the whole DMD loss's gradient through the fast backward against
+autodiff of the plain attention on full-width models.
 """
+
+import functools
+import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import dmd_jax
-from dmd_jax import api, cpu_kernels, layers
-from dmd_jax.config import BertConfig, reference_config
-from dmd_jax.rng import dropout_key
+from dmd_jax.config import AttentionConfig, BertConfig, reference_config
+from dmd_jax.data.batch import random_batch
+from dmd_jax.model import attention as attn
+from dmd_jax.model import kernels
+from dmd_jax.model.attention import (ROW_BLOCKS, _batch_chunks, _head_forward, _over_heads, _plan,
+                                     _row_blocks, attention, dropout_keep_mask, from_loop_layout,
+                                     future_mask, plain_attention, sample_keys, to_loop_layout)
+from dmd_jax.model.rng import dropout_key
+from dmd_jax.model.transformer import TransformerEncoder
+from dmd_jax.objective import compute_loss
+from helpers import random_params
+
+NATIVE = AttentionConfig(native='on')
+PURE = AttentionConfig(native='off')
+needs_kernel = pytest.mark.skipif(not kernels.load(),
+                                  reason=f'native kernel unavailable: {kernels.kernel_status()}')
 
 
+def test_future_mask_offsets():
+  np.testing.assert_array_equal(future_mask(3, 3), np.tril(np.ones((3, 3), bool)))
+  # |Tk - Tq| = 2: query i sees keys 0..i+2.
+  m = np.asarray(future_mask(2, 4))
+  np.testing.assert_array_equal(m, [[1, 1, 1, 0], [1, 1, 1, 1]])
+  assert np.asarray(future_mask(50, 46))[:, 0].all()  # key 0 is always visible
+
+
+@pytest.mark.parametrize('tq,tk,masked', [(40, 40, True), (150, 150, True), (130, 170, True),
+                                          (170, 130, False), (170, 40, True)])
+def test_attention_blocked_paths_match_plain_softmax(tq, tk, masked):
+  # (150, 150) and (130, 170) take the per-head loop with row blocks; (40, 40) the vmap;
+  # (170, 40) with offset 130 hides no key, so its mask is skipped.
+  rs = np.random.default_rng(1)
+  q, k, v = (jnp.asarray(rs.normal(size=(2, t, 3, 4)), jnp.float32) for t in (tq, tk, tk))
+  offset = abs(tk - tq) if masked else None
+  got = attention(q, k, v, causal_offset=offset, config=PURE)
+  np.testing.assert_allclose(got, plain_attention(q, k, v, causal_offset=offset), rtol=2e-5, atol=2e-6)
+  grad = lambda f: jax.grad(lambda q, k, v: jnp.sum(jnp.sin(f(q, k, v))), argnums=(0, 1, 2))
+  g1 = grad(lambda q, k, v: attention(q, k, v, causal_offset=offset, config=PURE))(q, k, v)
+  g2 = grad(lambda q, k, v: plain_attention(q, k, v, causal_offset=offset))(q, k, v)
+  for a, b in zip(g1, g2):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_row_blocks_only_where_they_skip_work():
+  # MOSI unaligned lengths after the convolutions: l 46, a 371, v 496 (offset = |tk - tq|).
+  assert _row_blocks(371, 371, 0, 0) == ROW_BLOCKS          # self-attention: a triangle
+  assert _row_blocks(371, 496, 0, 125) == ROW_BLOCKS        # a <- v: ~28% of scores skipped
+  assert _row_blocks(496, 371, 0, 125) == 1                 # v <- a: only ~8%
+  assert _row_blocks(46, 371, 0, 325) == 1                  # l <- a: small and nearly full
+  assert _row_blocks(371, 46, 0, 325) == 1                  # a <- l: nothing hidden
+  assert _row_blocks(496, 496, 0, None) == 1                # no mask
+
+
+def test_attention_dropout_keeps_expected_rate():
+  q = jnp.zeros((1, 200, 1, 2))   # uniform probabilities over the visible keys
+  v = jnp.ones((1, 200, 1, 2))
+  out = attention(q, q, v, causal_offset=None, dropout_rate=0.25, rng=jax.random.key(0))
+  # Each output is (kept fraction) / 0.75 of 1: averages to 1 over rows.
+  assert abs(float(jnp.mean(out)) - 1.0) < 0.02
+  assert float(jnp.std(out)) > 0.01
+
+
+@pytest.mark.parametrize('tq,tk,offset', [(150, 150, 0), (130, 170, 40), (20, 30, None)])
+@pytest.mark.parametrize('key_kind', ['threefry', 'hash'])
+def test_attention_hand_written_gradient_with_dropout_matches_autodiff(tq, tk, offset, key_kind):
+  # The custom backward (recomputed scores, same dropout mask regenerated from the key) against
+  # automatic differentiation of the very same forward code, on the looped/row-blocked and the
+  # vmapped paths, with both dropout PRNGs.
+  rs = np.random.default_rng(4)
+  q, k, v = (jnp.asarray(rs.normal(size=(2, t, 3, 4)), jnp.float32) for t in (tq, tk, tk))
+  rng = dropout_key(jax.random.key(3), key_kind)
+
+  def autodiff_attention(q, k, v):
+    plan = _plan(tq, tk, 0, offset, 0.3, batch=2)
+    args = to_loop_layout(plan.chunks, q, k, v, sample_keys(rng, 2, 3))
+    fwd = lambda *a: _head_forward(plan, *a)
+    return from_loop_layout(plan.chunks, _over_heads(plan, fwd, *args)[0])
+
+  custom = lambda q, k, v: attention(q, k, v, causal_offset=offset, dropout_rate=0.3, rng=rng,
+                                     config=PURE)
+  np.testing.assert_allclose(custom(q, k, v), autodiff_attention(q, k, v), rtol=1e-6, atol=1e-6)
+  w = jnp.asarray(rs.normal(size=(2, tq, 3, 4)), jnp.float32)
+  grad = lambda f: jax.grad(lambda q, k, v: jnp.sum(w * f(q, k, v)), argnums=(0, 1, 2))
+  g1, g2 = grad(custom)(q, k, v), grad(autodiff_attention)(q, k, v)
+  for a, b in zip(g1, g2):
+    assert float(jnp.max(jnp.abs(a))) > 0.1       # dropout did not zero the gradient
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_batch_chunks_fit_the_cache_budget_per_device():
+  # 496 x 496 float32 scores are ~0.98 MB per sample: two samples per chunk within 2 MiB.
+  assert _batch_chunks(16, 496, 496, devices=1) == 8
+  assert _batch_chunks(32, 496, 496, devices=1) == 16
+  assert _batch_chunks(16, 496, 496, devices=8) == 1        # 2 samples per device already
+  assert _batch_chunks(16, 371, 371, devices=1) == 8        # 3 would fit; 2 divides 16
+  assert _batch_chunks(16, 46, 496, devices=1) == 1         # the whole batch fits
+  assert _batch_chunks(12, 600, 600, devices=1) == 12       # over budget: one sample per chunk
+  assert _batch_chunks(12, 496, 496, devices=8) == 1        # uneven split over devices
+  with pytest.raises(ValueError, match='3 chunks do not divide the batch of 8'):
+    _plan(200, 200, 0, 0, 0.0, batch=8, chunks=3)
+
+
+@pytest.mark.parametrize('tq,tk,offset', [(150, 150, 0), (130, 170, None)])
+def test_attention_does_not_depend_on_batch_chunks(tq, tk, offset):
+  # Chunking the batch in the head loop (and so the device count, which sets the chunks) must
+  # change nothing: dropout masks are drawn per sample and head.
+  rs = np.random.default_rng(5)
+  q, k, v = (jnp.asarray(rs.normal(size=(4, t, 2, 4)), jnp.float32) for t in (tq, tk, tk))
+  rng = dropout_key(jax.random.key(7))
+  run = lambda c: jax.value_and_grad(lambda q, k, v: jnp.sum(jnp.sin(attention(
+      q, k, v, causal_offset=offset, dropout_rate=0.3, rng=rng, chunks=c, config=PURE))),
+      argnums=(0, 1, 2))
+  (l1, g1), (l4, g4) = run(1)(q, k, v), run(4)(q, k, v)
+  assert _plan(tq, tk, 0, offset, 0.3, batch=4, chunks=4).loop   # the chunked head loop ran
+  np.testing.assert_allclose(l4, l1, rtol=1e-6)
+  # Float32 rounding of the batched products only: within 2e-6 of each gradient's scale (an
+  # element far below the scale inherits the rounding of the large terms summed into it).
+  for a, b in zip(g4, g1):
+    np.testing.assert_allclose(a, b, rtol=0, atol=2e-6 * float(jnp.max(jnp.abs(b))))
+  out2 = attention(q, k, v, causal_offset=offset, dropout_rate=0.3, rng=rng, chunks=2)
+  other = attention(q, k, v, causal_offset=offset, dropout_rate=0.3,
+                    rng=dropout_key(jax.random.key(8)), chunks=2)
+  assert not np.allclose(out2, other)                       # the masks do depend on the key
+
+
+def _attention(mode, q, k, v, **kw):
+  return attention(q, k, v, config=AttentionConfig(native=mode), **kw)
+
+
+# (tq, tk, head width, dropout, causal offset, row_start). (150, 150) is cut into row blocks (the
+# dropout index restarts per block); (130, 150, row_start 3) is a last-rows call with an offset;
+# width 3 and 10 check the kernel's per-width code, width 20 (> 16) its portable scalar code;
+# None has no mask.
+CASES = [(37, 37, 5, 0.0, 0, 0), (40, 29, 4, 0.3, 11, 0), (50, 50, 10, 0.2, None, 0),
+         (150, 150, 5, 0.3, 0, 0), (130, 150, 3, 0.2, 20, 3), (24, 60, 10, 0.0, 36, 0),
+         (30, 30, 20, 0.3, 0, 0)]
+
+
+@needs_kernel
+@pytest.mark.parametrize('tq,tk,hd,rate,offset,row_start', CASES)
+def test_native_attention_matches_pure_jax(tq, tk, hd, rate, offset, row_start):
+  rs = np.random.default_rng(tq + tk)
+  q, k, v = (jnp.asarray(rs.normal(size=(3, t, 4, hd)), jnp.float32) for t in (tq, tk, tk))
+  kw = dict(causal_offset=offset, row_start=row_start, dropout_rate=rate,
+            rng=dropout_key(jax.random.key(5), 'hash') if rate else None)
+  outs, grads = {}, {}
+  for mode in ('off', 'on'):
+    loss = lambda q, k, v, mode=mode: jnp.sum(jnp.sin(_attention(mode, q, k, v, **kw)))
+    outs[mode] = jax.jit(lambda q, k, v, mode=mode: _attention(mode, q, k, v, **kw))(q, k, v)
+    grads[mode] = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v)
+  scale = float(jnp.max(jnp.abs(outs['off'])))
+  # Same dropout masks: a single differing mask entry would move outputs by O(1).
+  np.testing.assert_allclose(outs['on'], outs['off'], atol=2e-6 * scale, rtol=0)
+  for name, a, b in zip('qkv', grads['on'], grads['off']):
+    np.testing.assert_allclose(a, b, atol=5e-6 * float(jnp.max(jnp.abs(b))), rtol=0,
+                               err_msg=f'd{name}')
+  if rate:   # dropout really acted: the no-dropout output differs
+    plain = _attention('on', q, k, v, causal_offset=offset, row_start=row_start)
+    assert float(jnp.max(jnp.abs(plain - outs['on']))) > 0.1 * scale
+
+
+@needs_kernel
+def test_native_causal_rows_ignore_hidden_keys():
+  rs = np.random.default_rng(0)
+  q, k, v = (jnp.asarray(rs.normal(size=(2, 64, 2, 5)), jnp.float32) for _ in range(3))
+  out = _attention('on', q, k, v, causal_offset=0)
+  out2 = _attention('on', q, k.at[:, 40:].set(9.0), v.at[:, 40:].set(-9.0), causal_offset=0)
+  np.testing.assert_array_equal(out[:, :40], out2[:, :40])   # rows 0..39 see keys 0..39 only
+  assert not np.allclose(out[:, 40:], out2[:, 40:])
+
+
+@needs_kernel
+def test_native_transformers_in_training_mode_match_pure_jax():
+  """Cross-modal and last-position transformers (scanned layers, attention dropout drawn from the
+  module's rng): the loss and the gradients of every parameter and input agree."""
+  make = lambda mode: (
+      TransformerEncoder(embed_dim=12, num_heads=2, layers=2, attn_dropout=0.2, res_dropout=0.1,
+                         attention=AttentionConfig(native=mode)),
+      TransformerEncoder(embed_dim=12, num_heads=3, layers=2, attn_dropout=0.3, last_only=True,
+                         attention=AttentionConfig(native=mode)))
+  cross, last = make('off')
+  x, kv = jax.random.normal(jax.random.key(0), (3, 12, 12)), jax.random.normal(
+      jax.random.key(1), (3, 40, 12))
+  params = (cross.init(jax.random.key(2), x, kv), last.init(jax.random.key(3), kv))
+
+  def loss(params, x, kv, mode):
+    cross, last = make(mode)
+    rngs = {'dropout': dropout_key(jax.random.key(4))}
+    a = cross.apply(params[0], x, kv, deterministic=False, rngs=rngs)
+    b = last.apply(params[1], kv, deterministic=False, rngs=rngs)
+    return jnp.sum(jnp.sin(a)) + jnp.sum(b ** 2)
+
+  res = {mode: jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)), static_argnums=3)(
+      params, x, kv, mode) for mode in ('off', 'on')}
+  np.testing.assert_allclose(res['on'][0], res['off'][0], rtol=1e-5)
+  flat_on, flat_off = jax.tree.leaves(res['on'][1]), jax.tree.leaves(res['off'][1])
+  assert len(flat_on) == len(flat_off) > 20
+  for a, b in zip(flat_on, flat_off):
+    np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-5 * max(1.0, float(jnp.max(jnp.abs(b)))))
+
+
+def test_mode_errors_name_the_problem():
+  with pytest.raises(ValueError, match=r"AttentionConfig.native: must be one of \('auto', 'on', 'off'\)"):
+    AttentionConfig(native='always')
+  q = jnp.zeros((1, 8, 2, 4), jnp.bfloat16)
+  with pytest.raises(ValueError, match='float32'):
+    _attention('on', q, q, q, causal_offset=None)
+  # Threefry dropout keys are not what the kernel hashes: refused under 'on' ...
+  q = jnp.zeros((1, 8, 2, 4), jnp.float32)
+  with pytest.raises(ValueError, match='hash or no dropout'):
+    _attention('on', q, q, q, causal_offset=None, dropout_rate=0.5, rng=jax.random.key(0))
+  # ... and left to pure JAX under 'auto'.
+  out = _attention('auto', q, q, q, causal_offset=None, dropout_rate=0.5, rng=jax.random.key(0))
+  assert out.shape == q.shape
+
+
+def test_unbuildable_kernel_falls_back(monkeypatch, tmp_path):
+  saved = dict(kernels._state)
+  try:
+    # A compiler that fails: the reason names the source, and no library is left behind.
+    monkeypatch.setenv('CXX', '/bin/false')
+    monkeypatch.setenv('DMD_JAX_CACHE_DIR', str(tmp_path))
+    kernels._state.clear()
+    assert not kernels.load()
+    assert 'attention_cpu.cc' in kernels.kernel_status()
+    assert os.listdir(tmp_path) == []
+    q = jnp.zeros((1, 8, 2, 4), jnp.float32)
+    with pytest.raises(RuntimeError, match='native attention unavailable'):
+      _attention('on', q, q, q, causal_offset=None)
+    assert _attention('auto', q, q, q, causal_offset=None).shape == q.shape   # pure JAX
+  finally:
+    kernels._state.clear()
+    kernels._state.update(saved)
 def _float64_gradients(q, k, v, d_out, keep, offset, rate):
   """dq, dk, dv of sum(d_out * dropout(softmax(q k^T + mask)) v) in float64 (numpy)."""
   q, k, v, d_out = (np.asarray(x, np.float64) for x in (q, k, v, d_out))
   s = np.einsum('bqhd,bkhd->bhqk', q, k)
   if offset is not None:
-    s = np.where(np.asarray(layers.future_mask(q.shape[1], k.shape[1], 0, offset)), s, -np.inf)
+    s = np.where(np.asarray(future_mask(q.shape[1], k.shape[1], 0, offset)), s, -np.inf)
   p = np.exp(s - s.max(-1, keepdims=True))
   p /= p.sum(-1, keepdims=True)
   z = np.asarray(keep, np.float64) / (1 - rate) if rate else 1.0
@@ -56,35 +281,34 @@ def test_gradients_as_accurate_as_autodiff(path, tq, tk, offset, rate, common):
   single gradient above 1.75x (float32 noise between two different orders of summation). The
   bounds: geometric mean <= 1.3x at large row maxima, each gradient <= 2x plus 1e-6 (the float32
   floor at unit-sized scores, where either error is ~5e-7 and their ratio is noise) everywhere."""
-  if path == 'native' and not cpu_kernels.load():
-    pytest.skip(f'native kernel unavailable: {cpu_kernels.kernel_status()}')
+  if path == 'native' and not kernels.load():
+    pytest.skip(f'native kernel unavailable: {kernels.kernel_status()}')
   b, h, hd = 2, 3, 5
   rng = dropout_key(jax.random.key(1)) if rate else None
   kw = dict(causal_offset=offset, dropout_rate=rate, rng=rng)
-  keep = (layers.dropout_keep_mask(b, h, tq, tk, causal_offset=offset, row_start=0,
-                                   dropout_rate=rate, rng=rng) if rate else None)
-  assert (layers._plan(tq, tk, 0, offset, rate, batch=b).loop) == (path != 'vmap')
+  keep = (dropout_keep_mask(b, h, tq, tk, causal_offset=offset, row_start=0,
+                            dropout_rate=rate, rng=rng) if rate else None)
+  assert (_plan(tq, tk, 0, offset, rate, batch=b).loop) == (path != 'vmap')
 
   def grads(fn):
     loss = lambda q, k, v, d_out: jnp.sum(fn(q, k, v, **kw) * d_out)
     return jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
 
-  with layers.native_attention('on' if path == 'native' else 'off'):
-    fast = grads(layers.attention)
-    plain = grads(layers.plain_attention)
-    error = lambda g, w: float(np.max(np.abs(np.asarray(g, np.float64) - w)) / np.max(np.abs(w)))
-    ratios = []
-    for draw in range(3):
-      rs = np.random.default_rng(draw)
-      q, k, v = (rs.normal(size=(b, t, h, hd)) + common for t in (tq, tk, tk))
-      d_out = rs.normal(size=(b, tq, h, hd))
-      want = _float64_gradients(q, k, v, d_out, keep, offset, rate)
-      args = [jnp.asarray(x, jnp.float32) for x in (q, k, v, d_out)]
-      for name, f, p, w in zip(('dq', 'dk', 'dv'), fast(*args), plain(*args), want):
-        e_fast, e_plain = error(f, w), error(p, w)
-        assert e_fast <= 2 * e_plain + 1e-6, (
-            f'{name} (draw {draw}): fast backward error {e_fast:.3g}, autodiff {e_plain:.3g}')
-        ratios.append(e_fast / e_plain)
+  fast = grads(functools.partial(attention, config=NATIVE if path == 'native' else PURE))
+  plain = grads(plain_attention)
+  error = lambda g, w: float(np.max(np.abs(np.asarray(g, np.float64) - w)) / np.max(np.abs(w)))
+  ratios = []
+  for draw in range(3):
+    rs = np.random.default_rng(draw)
+    q, k, v = (rs.normal(size=(b, t, h, hd)) + common for t in (tq, tk, tk))
+    d_out = rs.normal(size=(b, tq, h, hd))
+    want = _float64_gradients(q, k, v, d_out, keep, offset, rate)
+    args = [jnp.asarray(x, jnp.float32) for x in (q, k, v, d_out)]
+    for name, f, p, w in zip(('dq', 'dk', 'dv'), fast(*args), plain(*args), want):
+      e_fast, e_plain = error(f, w), error(p, w)
+      assert e_fast <= 2 * e_plain + 1e-6, (
+          f'{name} (draw {draw}): fast backward error {e_fast:.3g}, autodiff {e_plain:.3g}')
+      ratios.append(e_fast / e_plain)
   if common:    # at unit-sized scores both errors sit at the float32 floor (~1e-6): no ratio
     mean = float(np.exp(np.mean(np.log(ratios))))
     assert mean <= 1.3, f'fast backward error {mean:.3g}x autodiff\'s (geometric mean)'
@@ -94,10 +318,10 @@ def test_plain_attention_applies_the_fast_paths_dropout_masks():
   rs = np.random.default_rng(0)
   q, k, v = (jnp.asarray(rs.normal(size=(2, t, 2, 4)), jnp.float32) for t in (150, 150, 150))
   kw = dict(causal_offset=0, dropout_rate=0.3, rng=dropout_key(jax.random.key(2)))
-  np.testing.assert_allclose(layers.plain_attention(q, k, v, **kw), layers.attention(q, k, v, **kw),
+  np.testing.assert_allclose(plain_attention(q, k, v, **kw), attention(q, k, v, **kw),
                              rtol=0, atol=2e-6 * float(jnp.max(jnp.abs(v))))
-  keep = layers.dropout_keep_mask(2, 2, 150, 150, causal_offset=0, row_start=0,
-                                  dropout_rate=0.3, rng=kw['rng'])
+  keep = dropout_keep_mask(2, 2, 150, 150, causal_offset=0, row_start=0, dropout_rate=0.3,
+                           rng=kw['rng'])
   visible = np.tril(np.ones((150, 150), bool))
   assert abs(float(np.asarray(keep)[..., visible].mean()) - 0.7) < 0.01
 
@@ -105,11 +329,11 @@ def test_plain_attention_applies_the_fast_paths_dropout_masks():
 # -- The whole model -------------------------------------------------------------------------
 
 _BACKWARD = {'mode': 'fast'}
-_FAST = layers.attention
+_FAST = attn.attention
 
 
 def _dual_attention(q, k, v, *, causal_offset, row_start=0, dropout_rate=0.0, rng=None,
-                    chunks=None):
+                    chunks=None, config=attn.DEFAULT):
   """The fast attention's forward; its backward is the fast one or, while _BACKWARD['mode'] is
   'plain' when the backward is traced, autodiff of `plain_attention` at the same inputs. Both
   gradients then come from one forward pass: the comparison sees the attention backward alone,
@@ -121,17 +345,17 @@ def _dual_attention(q, k, v, *, causal_offset, row_start=0, dropout_rate=0.0, rn
 
   @jax.custom_vjp
   def f(q, k, v, rng):
-    return _FAST(q, k, v, rng=rng, chunks=chunks, **kw)
+    return _FAST(q, k, v, rng=rng, chunks=chunks, config=config, **kw)
 
   def f_fwd(q, k, v, rng):
-    out, vjp = jax.vjp(lambda *a: _FAST(*a, rng=rng, chunks=chunks, **kw), q, k, v)
+    out, vjp = jax.vjp(lambda *a: _FAST(*a, rng=rng, chunks=chunks, config=config, **kw), q, k, v)
     return out, (q, k, v, rng, vjp)
 
   def f_bwd(res, g):
     q, k, v, rng, vjp = res
     if _BACKWARD['mode'] == 'fast':
       return (*vjp(g), None)
-    plain = lambda *a: layers.plain_attention(*a, rng=rng, **kw)
+    plain = lambda *a: plain_attention(*a, rng=rng, **kw)
     return (*jax.vjp(plain, q, k, v)[1](g), None)
 
   f.defvjp(f_fwd, f_bwd)
@@ -154,12 +378,12 @@ def _with_attention_biases(params, value):
 
 def _model_gradients(cfg, batch_size, seed, train, bias=None):
   """{name: (fast, plain)} gradients of the DMD loss: one forward, both backward passes."""
-  params = dmd_jax.init_params(cfg, jax.random.key(seed))
+  params = random_params(cfg, seed)
   if bias is not None:
     params = _with_attention_biases(params, bias)
-  batch = api.random_batch(cfg, batch_size, seed)
+  batch = random_batch(cfg, batch_size, seed)
   rng = jax.random.key(seed + 1) if train else None
-  loss = lambda p: api.compute_loss(p, batch, cfg, rng=rng, train=train)[0]
+  loss = lambda p: compute_loss(p, batch, cfg, rng=rng, train=train)[0]
   _, vjp = jax.jit(lambda p: jax.vjp(loss, p))(params)
 
   def both(vjp):
@@ -185,11 +409,11 @@ def _check_model(setting, seq_lens, batch_size, seed, train, native, monkeypatch
   cfg = reference_config(dataset, alignment == 'aligned', bert=BertConfig.tiny(hidden_size=32), **kw)
   if not train:
     cfg = cfg.without_dropout()
-  if native == 'on' and not cpu_kernels.load():
-    pytest.skip(f'native kernel unavailable: {cpu_kernels.kernel_status()}')
-  monkeypatch.setattr(layers, 'attention', _dual_attention)
-  with layers.native_attention(native):
-    grads = _model_gradients(cfg, batch_size, seed, train, bias)
+  if native == 'on' and not kernels.load():
+    pytest.skip(f'native kernel unavailable: {kernels.kernel_status()}')
+  cfg = cfg.replace(attention=AttentionConfig(native=native))
+  monkeypatch.setattr(attn, 'attention', _dual_attention)
+  grads = _model_gradients(cfg, batch_size, seed, train, bias)
   checked, worst = 0, (0.0, '')
   for name, (fast, plain) in grads.items():
     scale = np.max(np.abs(plain))

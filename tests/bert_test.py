@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dmd_jax.bert import BertModel, load_bert
+from dmd_jax.model.bert import BertModel, load_bert
 from dmd_jax.config import BertConfig
 
 
@@ -77,7 +77,7 @@ def test_pretrained_minilm_matches_transformers():
 
 
 def test_offline_hub_id_says_what_to_download():
-  code = ("from dmd_jax.bert import load_bert\n"
+  code = ("from dmd_jax.model.bert import load_bert\n"
           "try:\n  load_bert('google-bert/bert-base-uncased')\n"
           "except FileNotFoundError as e:\n  print(e)\n")
   env = dict(os.environ, HF_HUB_OFFLINE='1', HF_HOME=tempfile.mkdtemp())
@@ -94,7 +94,7 @@ def test_run_config_with_pretrained_minilm():
   from configs import mosi
   from dmd_jax import init_params
   from dmd_jax.config import from_run_config
-  from dmd_jax.text_encoder import text_encoder, with_text_encoder
+  from dmd_jax.training.run_config import text_encoder, with_text_encoder
   run = mosi.get_config()
   run.text_encoder = str(minilm.get_model_path())
   bert_cfg, bert_params = text_encoder(run)

@@ -15,7 +15,7 @@ import pathlib  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
-from dmd_jax.parity import FIXTURES, fixture_config  # noqa: E402
+from dmd_jax.dev.parity import FIXTURES, fixture_config  # noqa: E402
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 import data_prep
-from data_prep import builder, mmsa_format, synthetic
+from data_prep import mmsa_format, synthetic
+from dmd_jax import schema
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 tfds = pytest.importorskip('tensorflow_datasets')
@@ -150,7 +151,7 @@ def _audio_as_stored(d, i):
 def test_builder_round_trips_every_field(pickles, tmp_path, dataset, aligned):
   out = data_prep.prepare(pickles[(dataset, aligned)], dataset, aligned, tmp_path,
                           check_sha256=False, num_shards=2)
-  assert out == builder.dataset_dir(tmp_path, dataset, aligned)
+  assert out == schema.dataset_path(tmp_path, dataset, aligned)
   data = load(pickles[(dataset, aligned)])
   sources = tfds.builder_from_directory(out).as_data_source()
   assert {s: len(v) for s, v in sources.items()} == dict(zip(mmsa_format.SPLITS, SIZES))
@@ -182,7 +183,7 @@ def test_cli_converts_and_refuses_to_overwrite(pickles, tmp_path):
          '--num_shards=1']
   run = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, check=False)
   assert run.returncode == 0, run.stderr[-2000:]
-  out = builder.dataset_dir(tmp_path, 'mosi', False)
+  out = schema.dataset_path(tmp_path, 'mosi', False)
   assert run.stdout.strip().endswith(out)
   before = tree(tmp_path)
   again = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, check=False)
@@ -279,7 +280,7 @@ def test_failure_while_writing_leaves_the_data_dir_as_it_was(pickles, tmp_path, 
                       overwrite=True)
   assert tree(data_dir) == before
   assert len(tfds.builder_from_directory(
-      builder.dataset_dir(data_dir, 'mosi', True)).as_data_source()['train']) == SIZES[0]
+      schema.dataset_path(data_dir, 'mosi', True)).as_data_source()['train']) == SIZES[0]
 
 
 def test_nonfinite_zero_zeroes_and_counts(pickles, tmp_path):

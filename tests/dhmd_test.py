@@ -11,7 +11,10 @@ from jax.test_util import check_grads
 
 import dmd_jax
 from configs import mosei_dhmd, mosi_dhmd, smoke
-from dmd_jax import api, dictionary, experiment, losses
+from dmd_jax.model import dictionary
+from dmd_jax.objective import dhmd, dmd as losses
+from dmd_jax.training import experiment
+from dmd_jax.training.run_config import load_run_config
 from dmd_jax.config import DictionaryConfig, from_run_config
 
 
@@ -78,9 +81,9 @@ def _acts(b, seed=0):
 def _loss_fns():
   labels = lambda b: jnp.round(jnp.linspace(-3, 3, b)).reshape(b, 1)
   edges = lambda b: jax.nn.softmax(jax.random.normal(jax.random.key(9), (b, 6)), axis=-1)
-  return {'label_hinge': lambda b, x: dictionary.label_margin(_emb(b) + x, labels(b), 0.15),
-          'infonce': lambda b, x: dictionary.infonce(_emb(b) + x, jnp.log(1 / 0.07)),
-          'edge_kl': lambda b, x: dictionary.edge_kl(jax.nn.softmax(_acts(b) + x), edges(b))}
+  return {'label_hinge': lambda b, x: dhmd.label_margin(_emb(b) + x, labels(b), 0.15),
+          'infonce': lambda b, x: dhmd.infonce(_emb(b) + x, jnp.log(1 / 0.07)),
+          'edge_kl': lambda b, x: dhmd.edge_kl(jax.nn.softmax(_acts(b) + x), edges(b))}
 
 
 @pytest.mark.parametrize('kind', ['label_hinge', 'infonce', 'edge_kl'])
@@ -100,17 +103,17 @@ def test_matching_losses_known_values():
   # label_hinge is DMD's margin loss on the stacked embeddings
   labels = jnp.array([[1.0], [1.0], [-2.0], [-2.0], [0.0], [1.0]])
   out = {f'c_{m}_sim': e[:, i] for i, m in enumerate('lva')}
-  np.testing.assert_allclose(dictionary.label_margin(e, labels, 0.15),
+  np.testing.assert_allclose(dhmd.label_margin(e, labels, 0.15),
                              losses.margin_loss(out, labels, 0.15), rtol=1e-6)
   # infonce: identical modalities with orthogonal samples and a large scale -> ~0; random -> > 0
   eye = jnp.repeat(jnp.eye(6, 8)[:, None], 3, axis=1)
-  assert float(dictionary.infonce(eye, jnp.log(100.0))) < 1e-6
-  assert float(dictionary.infonce(e, jnp.log(1 / 0.07))) > 0.1
+  assert float(dhmd.infonce(eye, jnp.log(100.0))) < 1e-6
+  assert float(dhmd.infonce(e, jnp.log(1 / 0.07))) > 0.1
   # edge_kl: zero when every modality has the same activations, positive otherwise
   same = jnp.repeat(_acts(6)[:, :1], 3, axis=1)
   w = jnp.full((6, 6), 1 / 6)
-  assert abs(float(dictionary.edge_kl(same, w))) < 1e-6
-  assert float(dictionary.edge_kl(_acts(6), w)) > 0.1
+  assert abs(float(dhmd.edge_kl(same, w))) < 1e-6
+  assert float(dhmd.edge_kl(_acts(6), w)) > 0.1
 
 
 def _tiny(dico=None):
@@ -119,7 +122,7 @@ def _tiny(dico=None):
 
 
 def test_dhmd_parameters_are_dmd_plus_the_dictionaries():
-  shapes = lambda cfg: jax.eval_shape(lambda r: api.init_params(cfg, r), jax.random.key(0))
+  shapes = lambda cfg: jax.eval_shape(lambda r: dmd_jax.init_params(cfg, r), jax.random.key(0))
   dmd, dhmd = shapes(_tiny()), shapes(_tiny(DictionaryConfig(num_atoms=16)))
   extra = set(dhmd) - set(dmd)
   assert extra == {'dictionary_homo', 'dictionary_hetero'} | {
@@ -137,7 +140,7 @@ def test_branch_off_reproduces_the_dmd_parity_fixture(parity):
   params = dmd_jax.import_reference(cfg, *(parity.path / f for f in
                                            ('dmd.npz', 'homo_gd.npz', 'hetero_gd.npz')))
   batch = {k: jnp.asarray(v) for k, v in parity.batch(0).items()}
-  total, aux = jax.jit(lambda p, b: api.compute_loss(p, b, cfg))(params, batch)
+  total, aux = jax.jit(lambda p, b: dmd_jax.compute_loss(p, b, cfg))(params, batch)
   ref = parity.npz('outputs.npz')
   for k in ('output_logit', 'logits_c', 'edges_homo', 'edges_hetero'):
     got, want = np.asarray(aux['outputs'][k]), ref[k]
@@ -168,8 +171,8 @@ def test_dhmd_run_configs_build():
 @pytest.mark.parametrize('kind', ['infonce', 'edge_kl'])
 def test_dhmd_objective_has_the_matching_terms(kind):
   cfg = _tiny(DictionaryConfig(num_atoms=16, loss=kind, weight=0.3))
-  params = jax.eval_shape(lambda r: api.init_params(cfg, r), jax.random.key(0))
-  _, aux = jax.eval_shape(lambda p: api.compute_loss(p, api.random_batch(cfg, 4), cfg), params)
+  params = jax.eval_shape(lambda r: dmd_jax.init_params(cfg, r), jax.random.key(0))
+  _, aux = jax.eval_shape(lambda p: dmd_jax.compute_loss(p, dmd_jax.random_batch(cfg, 4), cfg), params)
   assert {'homo_match', 'hetero_match'} <= set(aux['losses'])
   assert aux['outputs']['dict_act_homo'].shape == (4, 3, 16)
   assert aux['outputs']['dict_emb_hetero'].shape == (4, 3, 16)
@@ -179,7 +182,7 @@ def test_short_dhmd_run_trains_and_exports_activations(tmp_path):
   run = smoke.get_config()
   run.data_dir = str(tmp_path / 'data')
   run.progress = False
-  run.max_epochs = 4
+  run.max_epochs = 2
   run.model.dictionary = mosi_dhmd.dictionary()
   run.model.dictionary.num_atoms = 16
   workdir = tmp_path / 'run'
@@ -197,6 +200,6 @@ def test_short_dhmd_run_trains_and_exports_activations(tmp_path):
   top = summary['hetero']['V']['top_atoms']
   assert len(top) == 10 and top[0]['mean'] >= top[-1]['mean']
   assert (seed_dir / 'dictionary_test.png').stat().st_size > 0
-  out = experiment.export_edges(experiment.load_run_config(str(workdir)), str(workdir), 'valid',
+  out = experiment.export_edges(load_run_config(str(workdir)), str(workdir), 'valid',
                                 log=lambda *_: None)
   assert out['dictionary']['npz'].endswith('dictionary_valid.npz')

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from dmd_jax.metrics import METRIC_NAMES, regression_metrics, weighted_f1
+from dmd_jax.analysis.metrics import METRIC_NAMES, regression_metrics, weighted_f1
 
 PRED = [2.6, -0.4, 0.0, 1.49, -2.51, 0.3]
 TRUTH = [3.0, -1.0, 0.0, 1.0, -2.0, -0.2]

@@ -4,7 +4,7 @@ import numpy as np
 import optax
 import pytest
 
-from dmd_jax.optim import (accumulate_clipped, get_learning_rate, reference_optimizer,
+from dmd_jax.training.optim import (accumulate_clipped, get_learning_rate, reference_optimizer,
                            reset_window, set_learning_rate)
 
 
@@ -79,7 +79,7 @@ def test_fused_apply_equals_update_then_apply_updates():
 
 
 def test_segments_group_repeated_layers_and_round_trip():
-  from dmd_jax.optim import Segments
+  from dmd_jax.training.optim import Segments
   rs = np.random.default_rng(1)
   arr = lambda *shape: jnp.asarray(rs.normal(size=shape), jnp.float32)
   layer = lambda: {'dense': {'kernel': arr(3, 4), 'bias': arr(4)}, 'ln': {'scale': arr(4)}}

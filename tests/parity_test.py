@@ -16,8 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 
 import dmd_jax
-from dmd_jax.bert import BertModel
-from dmd_jax.checkpoint import params_to_state_dict
+from dmd_jax.model.bert import BertModel
+from dmd_jax.model.state_dict import params_to_state_dict
 
 _CACHE = {}
 
@@ -39,11 +39,16 @@ def _as_jnp(batch):
   return {k: jnp.asarray(v) for k, v in batch.items()}
 
 
+def _grad_fn(fx):
+  """The jitted value-and-gradient of the objective for the fixture's config (compiled once, used
+  by the gradient and the optimizer-step tests)."""
+  return _cached(fx, 'grad_fn', lambda: jax.jit(jax.value_and_grad(
+      functools.partial(dmd_jax.compute_loss, config=fx.config), has_aux=True)))
+
+
 def _loss_and_grads(fx):
   def run():
-    fn = jax.jit(jax.value_and_grad(
-        functools.partial(dmd_jax.compute_loss, config=fx.config), has_aux=True))
-    (_, aux), grads = fn(_params(fx), _as_jnp(fx.batch(0)))
+    (_, aux), grads = _grad_fn(fx)(_params(fx), _as_jnp(fx.batch(0)))
     return jax.device_get(aux), jax.device_get(grads)
   return _cached(fx, 'grads', run)
 
@@ -114,24 +119,29 @@ def test_gradients(parity):
 
 
 def test_two_accumulated_adam_steps(parity):
+  """The reference's training semantics: gradients summed over a window, the running sum clipped
+  after every micro-batch, one Adam step per window (what the train step applies, through the
+  same `Accumulator.apply`)."""
   train = parity.json('train.json')
   tx = dmd_jax.reference_optimizer(train['lr'], update_epochs=train['micro_per_step'],
                                    grad_clip=train['clip'])
-  state = dmd_jax.create_train_state(_params(parity), tx)
-  step = dmd_jax.make_train_step(parity.config, donate=False)
+  params = _params(parity)
+  opt_state = tx.init(params)
+  apply = jax.jit(tx.apply)
   losses = []
   for i in range(train['steps'] * train['micro_per_step']):
-    state, metrics = step(state, _as_jnp(parity.batch(i)), jax.random.key(0))
-    losses.append(float(metrics['total']))
+    (total, _), grads = _grad_fn(parity)(params, _as_jnp(parity.batch(i)))
+    params, opt_state = apply(grads, opt_state, params)
+    losses.append(float(total))
   np.testing.assert_allclose(losses, train['micro_losses'], rtol=1e-5)
-  assert int(state.opt_state.count) == 0  # the second window completed and was reset
-  assert int(state.opt_state.inner.inner_state[0].count) == train['steps']  # Adam steps taken
+  assert int(opt_state.count) == 0  # the second window completed and was reset
+  assert int(opt_state.inner.inner_state[0].count) == train['steps']  # Adam steps taken
 
   after = {}
   after.update({f'dmd/{k}': v for k, v in parity.npz('dmd_after.npz').items()})
   after.update({f'homo/{k}': v for k, v in parity.npz('homo_gd_after.npz').items()})
   after.update({f'hetero/{k}': v for k, v in parity.npz('hetero_gd_after.npz').items()})
-  dmd_sd, homo_sd, hetero_sd = dmd_jax.export_reference(jax.device_get(state.params))
+  dmd_sd, homo_sd, hetero_sd = dmd_jax.export_reference(jax.device_get(params))
   ours = {**{f'dmd/{k}': v for k, v in dmd_sd.items()},
           **{f'homo/{k}': v for k, v in homo_sd.items()},
           **{f'hetero/{k}': v for k, v in hetero_sd.items()}}

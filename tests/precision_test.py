@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 import dmd_jax
-from dmd_jax import api, precision
-from dmd_jax import parity as parity_module
+from dmd_jax.dev import parity as parity_module
+from dmd_jax.model import precision
 
 
 def _tiny(**kw):
@@ -30,14 +30,14 @@ def _count_products(jaxpr, counts):
 
 
 def _abstract_params(cfg):
-  return jax.eval_shape(lambda r: api.init_params(cfg, r), jax.random.key(0))
+  return jax.eval_shape(lambda r: dmd_jax.init_params(cfg, r), jax.random.key(0))
 
 
 def test_bfloat16_runs_products_in_bf16_and_keeps_float32_state():
   cfg = _tiny(compute_dtype='bfloat16')
   params = _abstract_params(cfg)
-  batch = api.random_batch(cfg, 2)
-  loss = lambda p: api.compute_loss(p, batch, cfg, rng=jax.random.key(1), train=True)
+  batch = dmd_jax.random_batch(cfg, 2)
+  loss = lambda p: dmd_jax.compute_loss(p, batch, cfg, rng=jax.random.key(1), train=True)
   jaxpr = jax.make_jaxpr(jax.grad(lambda p: loss(p)[0]))(params)
   counts = _count_products(jaxpr.jaxpr, collections.Counter())
   bf16 = counts[('bfloat16', 'bfloat16')]
@@ -49,8 +49,8 @@ def test_bfloat16_runs_products_in_bf16_and_keeps_float32_state():
   assert {str(x.dtype) for x in jax.tree.leaves(aux)} == {'float32'}
   assert {str(x.dtype) for x in jax.tree.leaves(grads)} == {'float32'}
   tx = dmd_jax.reference_optimizer(update_epochs=1)
-  state = jax.eval_shape(lambda p: api.create_train_state(p, tx), params)
-  state, _ = jax.eval_shape(lambda s: api.train_step(s, batch, jax.random.key(2), config=cfg),
+  state = jax.eval_shape(lambda p: dmd_jax.create_train_state(p, tx), params)
+  state, _ = jax.eval_shape(lambda s: dmd_jax.train_step(s, batch, jax.random.key(2), config=cfg),
                             state)
   assert {str(x.dtype) for x in jax.tree.leaves((state.params, state.opt_state))} <= {
       'float32', 'int32'}
@@ -58,8 +58,8 @@ def test_bfloat16_runs_products_in_bf16_and_keeps_float32_state():
 
 def test_float32_config_traces_no_bf16():
   cfg = _tiny()
-  batch = api.random_batch(cfg, 2)
-  jaxpr = jax.make_jaxpr(lambda p: api.compute_loss(p, batch, cfg)[0])(_abstract_params(cfg))
+  batch = dmd_jax.random_batch(cfg, 2)
+  jaxpr = jax.make_jaxpr(lambda p: dmd_jax.compute_loss(p, batch, cfg)[0])(_abstract_params(cfg))
   counts = _count_products(jaxpr.jaxpr, collections.Counter())
   assert set(counts) == {('float32', 'float32')}, counts
 

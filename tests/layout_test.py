@@ -1,0 +1,116 @@
+"""The package's shape: imports point one way down the stages, no import circles, function-local
+imports only for optional dependencies, and no module creates a device array at import time."""
+
+import ast
+import pathlib
+import subprocess
+import sys
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+PACKAGE = REPO / 'dmd_jax'
+# Stage of each top-level part of the package: a module may import only from its own stage or
+# earlier ones (docs/architecture.md).
+STAGES = {'schema': 0, 'config': 0, 'io': 0, 'data': 1, 'model': 2, 'objective': 3,
+          'analysis': 4, 'training': 5, 'dev': 6, 'main': 7, 'benchmark': 7, 'export_edges': 7,
+          'import_reference': 7}
+OPTIONAL = {'torch', 'tensorflow', 'resource'}     # imported where used, if present
+
+
+def _modules():
+  for path in sorted(PACKAGE.rglob('*.py')):
+    parts = path.relative_to(REPO).with_suffix('').parts
+    name = '.'.join(parts[:-1] if parts[-1] == '__init__' else parts)
+    yield name, path
+
+
+def _imports(path, modules):
+  """(module-level dmd_jax imports resolved to modules of `modules`, function-local imports)."""
+  tree = ast.parse(path.read_text())
+  top, local = set(), []
+  for node in ast.walk(tree):
+    if isinstance(node, ast.Import):
+      names = [a.name for a in node.names]
+    elif isinstance(node, ast.ImportFrom):
+      # `from dmd_jax.model import precision` imports a module; `from dmd_jax.model import DMD`
+      # a name of the package
+      names = [f'{node.module}.{a.name}' if f'{node.module}.{a.name}' in modules else node.module
+               for a in node.names]
+    else:
+      continue
+    if node.col_offset == 0:
+      top.update(n for n in names if n.startswith('dmd_jax.'))
+    else:
+      local.append((node.lineno, names[0]))
+  return top, local
+
+
+def _stage(module):
+  return STAGES[module.split('.')[1]]
+
+
+def test_imports_point_down_the_stages():
+  modules = dict(_modules())
+  wrong = []
+  for name, path in modules.items():
+    if name == 'dmd_jax':
+      continue
+    top, _ = _imports(path, modules)
+    wrong += [f'{name} imports {t}' for t in top if _stage(t) > _stage(name)]
+  assert not wrong, wrong
+
+
+def test_no_import_circles():
+  modules = dict(_modules())
+  graph = {}
+  for name, path in modules.items():
+    graph[name] = _imports(path, modules)[0] & set(modules)
+  state, cycle = {}, []
+
+  def visit(node, stack):
+    state[node] = 'open'
+    for nxt in sorted(graph[node]):
+      if nxt == node or nxt == 'dmd_jax':
+        continue
+      if state.get(nxt) == 'open':
+        cycle.append(stack[stack.index(nxt):] + [nxt])
+      elif nxt not in state:
+        visit(nxt, stack + [nxt])
+    state[node] = 'done'
+
+  for node in sorted(graph):
+    if node not in state:
+      visit(node, [node])
+  assert not cycle, cycle
+
+
+def test_function_local_imports_only_for_optional_dependencies():
+  modules = dict(_modules())
+  found = [(name, line, mod) for name, path in modules.items()
+           for line, mod in _imports(path, modules)[1] if mod.split('.')[0] not in OPTIONAL]
+  assert not found, found
+
+
+ENTRY_POINTS = ('dmd_jax.main', 'dmd_jax.benchmark', 'dmd_jax.export_edges',
+                'dmd_jax.import_reference')
+
+
+def _imports_without_backend(names):
+  code = ('import importlib\n'
+          f'for n in {list(names)!r}:\n'
+          '  importlib.import_module(n)\n'
+          'from jax._src import xla_bridge\n'
+          'assert not xla_bridge._backends, sorted(xla_bridge._backends)')
+  return subprocess.run([sys.executable, '-c', code], cwd=REPO, capture_output=True, text=True,
+                        timeout=300, check=False)
+
+
+def test_importing_every_module_initialises_no_backend():
+  """`jax.distributed.initialize()` must run before any backend exists: no module of the package
+  (or config file) may create a device array at import time. Entry points define their flags at
+  import, so each is imported in a process of its own."""
+  library = [n for n, _ in _modules() if n not in ENTRY_POINTS]
+  groups = [library + ['configs.mosi_dhmd', 'configs.demo', 'data_prep.builder']]
+  groups += [[entry] for entry in ENTRY_POINTS]
+  for names in groups:
+    res = _imports_without_backend(names)
+    assert res.returncode == 0, (names[-1], res.stderr[-2000:])
