@@ -63,6 +63,22 @@ def base_config(dataset: str, alignment: str) -> ml_collections.ConfigDict:
   c.patience = 5                 # ReduceLROnPlateau patience (epochs)
   c.early_stop = 10              # stop this many epochs after the best validation loss
   c.seeds = (1111, 1112, 1113, 1114, 1115)
+  # 'together': the seeds (and sweep members) train in one compiled program, vmapped over a
+  # leading member axis that the mesh's 'seed' axis spreads over devices; each behaves exactly
+  # as if it ran alone. 'sequential': one after another.
+  c.seed_mode = 'together'
+  c.seeds_per_program = 0        # at most this many members per program (0: all); for memory
+  # A grid of hyper-parameters trained along the same member axis: the values of each field
+  # (empty = not swept), e.g. --config.sweep.learning_rate='(1e-4, 5e-5)'. Each grid point (times
+  # every seed) gets its own folder and results table; sweep.md compares them.
+  c.sweep = ml_collections.ConfigDict(dict(learning_rate=(), gd_weight=(), decouple_weight=(),
+                                           margin_ort_weight=()))
+  # JAX's persistent compilation cache: a second run, an eval or a resume of the same shapes
+  # loads its compiled steps from here ('' = off; JAX_COMPILATION_CACHE_DIR takes precedence).
+  c.compile_cache = '~/.cache/dmd_jax/xla'
+  # after training, WORKDIR/bundle: the best seed as a self-contained model bundle for
+  # python -m dmd_jax.predict (docs/predict.md); '' = none
+  c.bundle = 'bundle'
   c.max_epochs = 200             # the reference has no cap; early stopping ends its runs
 
   c.data_dir = '~/tensorflow_datasets'   # holds mmsa/<dataset>_<alignment>/1.0.0 (data_prep.mmsa)

@@ -4,11 +4,12 @@ r"""Training and inference speed, compile time and memory of DMD at the referenc
     python -m dmd_jax.benchmark --settings=mosi_aligned --batch_sizes=16
     python -m dmd_jax.benchmark --dtype=bfloat16 --jsonl=bench.jsonl --markdown=bench.md
     python -m dmd_jax.benchmark --drift_dir=../shared/parity --dtype=bfloat16   # precision drift
+    python -m dmd_jax.benchmark --settings=mosi_aligned --batch_sizes=16 --seeds=1,2,5
 
 Every case is one setting (dataset x alignment, the released hyper-parameters and sequence
 lengths) at one global batch size, with a bert-base-sized text encoder (768 wide, 12 layers) of
 random weights and random inputs in the MMSA layout. The steps are the ones training uses
-(`train.Steps`: jit over a mesh of every local device, batch split on 'data', state donated), with
+(`training.steps.Steps`: jit over a mesh of every device, batch split on 'data', state donated), with
 an accumulation window of 2 so that steps alternate between the two kinds:
   - micro-step: forward, every loss, backward, clipped accumulation (the common step);
   - update step: the same plus the Adam update that closes a window (once per `update_epochs`).
@@ -18,7 +19,10 @@ second and third steps of a process still run ~10% slower than later ones), eval
 eval throughput, and peak memory (host RSS of the process on CPU, the high-water mark of device
 memory elsewhere). Achieved FLOP/s use XLA's count of the micro-step's FLOPs (traced with loops
 unrolled, since XLA counts a loop body once; rematerialised work is not counted) and are printed
-on accelerators or with --count_flops.
+on accelerators or with --count_flops. With --seeds=K,..., per setting and batch size also K
+seeds trained together (`seed_mode='together'`: one program, the step vmapped over the members,
+members spread over the mesh's 'seed' axis) against K steps of one seed, and the memory per seed
+('seeds' records, a second table).
 
 Each setting runs in its own subprocess (a clean memory high-water mark and no shared caches);
 batch sizes run in increasing order inside it. One JSON line per case goes to stdout (and
@@ -47,6 +51,9 @@ _DTYPE = flags.DEFINE_enum('dtype', 'float32', ['float32', 'bfloat16'],
 _REPEATS = flags.DEFINE_integer('repeats', 1, 'Timed micro-steps and update steps per case '
                                 '(medians are reported, every time is in the JSON lines).')
 _EVAL_BATCHES = flags.DEFINE_integer('eval_batches', 2, 'Timed eval batches per case.')
+_SEEDS = flags.DEFINE_list('seeds', [], 'Member counts K (e.g. 1,2,5,10): per setting and batch '
+                           'size, the step of K seeds trained together against K steps of one '
+                           "seed, and memory per seed ('seeds' records).")
 _COUNT_FLOPS = flags.DEFINE_boolean('count_flops', None, 'Count FLOPs and report achieved '
                                     'FLOP/s (default: on for accelerators, off on CPU).')
 _JSONL = flags.DEFINE_string('jsonl', None, 'Also append the JSON lines to this file.')
@@ -69,12 +76,20 @@ def _batch_sizes() -> list[int]:
     raise app.UsageError(f'--batch_sizes must be integers, got {_BATCH_SIZES.value}') from e
 
 
+def _seed_counts() -> list[int]:
+  try:
+    return [int(k) for k in _SEEDS.value]
+  except ValueError as e:
+    raise app.UsageError(f'--seeds must be integers, got {_SEEDS.value}') from e
+
+
 def _child(setting: str) -> None:
   count = _COUNT_FLOPS.value
   if count is None:
     count = jax.devices()[0].platform != 'cpu'
-  for rec in bench.run_setting(setting, _batch_sizes(), dtype=_DTYPE.value, repeats=_REPEATS.value,
-                         eval_batches=_EVAL_BATCHES.value, count_flops=count):
+  for rec in bench.run_setting(setting, _batch_sizes(), dtype=_DTYPE.value,
+                               repeats=_REPEATS.value, eval_batches=_EVAL_BATCHES.value,
+                               count_flops=count, seeds=_seed_counts()):
     print('BENCH ' + json.dumps(rec), flush=True)
 
 
@@ -96,6 +111,7 @@ def main(argv):
   if unknown:
     raise app.UsageError(f'--settings: unknown {unknown}; choose from {list(SETTINGS)}')
   _batch_sizes()
+  _seed_counts()
   passthrough = [a for a in sys.argv[1:] if not a.startswith(('--settings', '--jsonl',
                                                               '--markdown'))]
   records = []

@@ -90,13 +90,13 @@ def test_orbax_round_trip_and_no_overwrite(params, tmp_path):
     restore_params(str(tmp_path / 'absent'))
 
 
-def test_import_command(parity, tmp_path):
+def test_import_command(parity_first, tmp_path):
   """The CLI on a reference checkpoint gives the parameters the parity tests validate."""
-  v = parity.variant
-  fx = parity.path
+  v = parity_first.variant
+  fx = parity_first.path
   out = tmp_path / 'imported'
   alignment = 'aligned' if v['aligned'] else 'unaligned'
-  if parity.config.seq_lens != reference_config(v['dataset'], v['aligned']).seq_lens:
+  if parity_first.config.seq_lens != reference_config(v['dataset'], v['aligned']).seq_lens:
     pytest.skip('fixture lengths differ from the released ones')
   cmd = [sys.executable, '-m', 'dmd_jax.import_reference',
          f'--config=configs/{v["dataset"]}.py:{alignment}', f'--dmd={fx / "dmd.npz"}',
@@ -107,7 +107,7 @@ def test_import_command(parity, tmp_path):
   proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
   got, meta = restore_params(str(out))
-  want = import_reference(parity.config, fx / 'dmd.npz', fx / 'homo_gd.npz', fx / 'hetero_gd.npz')
+  want = import_reference(parity_first.config, fx / 'dmd.npz', fx / 'homo_gd.npz', fx / 'hetero_gd.npz')
   jax.tree.map(np.testing.assert_array_equal, got, jax.device_get(want))
   assert meta['model_config']['d'] == v['dst_feature_dim']
   # A checkpoint of the wrong setting fails with the key and both shapes, and writes nothing.

@@ -178,6 +178,7 @@ def test_dhmd_objective_has_the_matching_terms(kind):
   assert aux['outputs']['dict_emb_hetero'].shape == (4, 3, 16)
 
 
+@pytest.mark.slow
 def test_short_dhmd_run_trains_and_exports_activations(tmp_path):
   run = smoke.get_config()
   run.data_dir = str(tmp_path / 'data')

@@ -20,7 +20,7 @@ import dmd_jax
 from dmd_jax.analysis import edges
 from dmd_jax.training import checkpoints, experiment, loop, optim, run_config
 from dmd_jax.training.checkpoints import save_params
-from dmd_jax.training.steps import Steps, make_mesh
+from dmd_jax.training.steps import Steps, make_mesh, member, stack
 from dmd_jax.data.pipeline import Loader, open_split
 from dmd_jax.schema import dataset_path
 
@@ -66,16 +66,17 @@ def test_8_devices_match_1_device(data_dir):
   batches = [b for _, b in zip(range(4), loader)]
   results = []
   for devices in (jax.devices(), jax.devices()[:1]):
-    steps = Steps(cfg, make_mesh(devices))
+    steps = Steps(cfg, make_mesh(devices))      # a group of one member: plain data parallelism
     tx = optim.reference_optimizer(run.learning_rate, run.update_epochs, run.grad_clip)
-    state = jax.device_put(dmd_jax.create_train_state(init(0), tx), steps.replicated)
-    rng = jax.device_put(jax.random.key(0), steps.replicated)
+    state = steps.put_members(stack([dmd_jax.create_train_state(init(0), tx)]))
+    rng, active = steps.keys(np.zeros(1, np.uint32)), steps.put_members(np.ones(1, bool))
     losses = []
     for i, b in enumerate(batches):
-      state, metrics = steps.train(state, steps.put(b), rng)
-      losses.append(metrics['total'])
+      state, metrics = steps.train(state, steps.put(stack([b])), rng, active)
+      losses.append(metrics['total'][0])
       if i == run.update_epochs - 1:             # right after the first Adam update
-        after_update = jax.device_get((state.params, state.opt_state.inner.inner_state[0].mu))
+        after_update = jax.device_get((member(state.params, 0),
+                                       member(state.opt_state.inner.inner_state[0].mu, 0)))
     results.append((np.array(jax.device_get(losses)), *after_update))
     assert len(state.params['text_model']['embeddings']['word_embeddings']['embedding']
                .sharding.device_set) == len(devices)
@@ -140,6 +141,7 @@ def test_main_writes_results_and_compiles_each_step_once(clean_run):
   assert len(csv_rows) == 4                       # header, one seed, mean, std
 
 
+@pytest.mark.slow   # resume after SIGKILL is in CI through tests/seeds_test.py (seeds together)
 def test_sigkill_mid_epoch_then_rerun_finishes_like_an_uninterrupted_run(data_dir, clean_run,
                                                                           tmp_path):
   killed = tmp_path / 'killed'
@@ -175,6 +177,7 @@ def _free_port():
     return s.getsockname()[1]
 
 
+@pytest.mark.slow   # two processes compiling at once: ~100 s of CI
 def test_two_processes_match_one(data_dir, clean_run, tmp_path):
   port = _free_port()
   procs = [subprocess.Popen(
@@ -232,24 +235,29 @@ def test_failures_are_named(data_dir, tmp_path):
   assert unknown.returncode != 0 and 'learning_rat' in unknown.stderr
 
 
-def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(data_dir, clean_run, tmp_path):
+def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(data_dir, clean_run, tmp_path,
+                                                                  monkeypatch):
   work = tmp_path / 'seed'
   shutil.copytree(clean_run / 'seed_1111', work)
   os.remove(work / 'result.json')                    # as if interrupted after epoch 3
   before = sorted(os.listdir(work / 'checkpoints'))
   run = smoke_run(data_dir, max_epochs=4)
   cfg, init = run_config.model(run)
-  steps = Steps(cfg, make_mesh())
-  inner = steps.train
 
-  def poisoned(state, batch, rng):
-    state, metrics = inner(state, batch, rng)
-    return state, dict(metrics, total=metrics['total'] * np.nan)
+  class Poisoned(Steps):
+    def __init__(self, *args, **kw):
+      super().__init__(*args, **kw)
+      inner = self.train
 
-  steps.train = poisoned
-  data = experiment.loaders(run, dataset_path(data_dir, 'mosi', True), 1111)
+      def train(state, batch, rng, active):
+        state, metrics = inner(state, batch, rng, active)
+        return state, dict(metrics, total=metrics['total'] * np.nan)
+      self.train = train
+
+  monkeypatch.setattr(loop, 'Steps', Poisoned)
+  data = experiment.loaders(run, dataset_path(data_dir, 'mosi', True), [1111])
   with pytest.raises(FloatingPointError, match='non-finite training loss in epoch 4'):
-    loop.train_seed(run, cfg, init, data, 1111, str(work), steps=steps, log=lambda *_: None)
+    loop.train_seed(run, cfg, init, data, 1111, str(work), log=lambda *_: None)
   assert sorted(os.listdir(work / 'checkpoints')) == before
   assert not (work / 'result.json').exists()
 
@@ -314,12 +322,15 @@ def test_edge_history_has_a_row_per_epoch_split_and_unit(clean_run):
   assert logged['edges/train/homo/L->A/mean'] == hist[0]['train']['homo/L->A/mean']
 
 
-def test_train_edge_moments_from_running_sums():
+def test_train_edge_moments_from_batch_moments():
   rs = np.random.default_rng(0)
-  m = rs.dirichlet(np.ones(6), size=50)
-  stats = edges.moment_stats(m.sum(0), (m ** 2).sum(0), 50)
+  m = rs.dirichlet(np.ones(6) * 400, size=50)              # edges near 1/6, std ~0.007
+  batches = m.reshape(5, 10, 6)
+  s = batches.sum(1)
+  m2 = ((batches - batches.mean(1, keepdims=True)) ** 2).sum(1)
+  stats = edges.moment_stats(s.sum(0), m2.sum(0), (s ** 2).sum(0), 10, 5)
   np.testing.assert_allclose(stats['mean'], m.mean(0), atol=1e-12)
-  np.testing.assert_allclose(stats['std'], m.std(0), atol=1e-9)
+  np.testing.assert_allclose(stats['std'], m.std(0), rtol=1e-9)
   mat = np.zeros((50, 3, 3))
   mat[:, [0, 0, 1, 1, 2, 2], [1, 2, 0, 2, 0, 1]] = m          # L->V, L->A, V->L, V->A, A->L, A->V
   np.testing.assert_array_equal(edges.edge_vector(mat), m)

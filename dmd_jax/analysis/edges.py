@@ -72,11 +72,16 @@ def vector_stats(vectors: np.ndarray) -> dict[str, np.ndarray]:
   return {'mean': v.mean(0), 'std': v.std(0)}
 
 
-def moment_stats(total: np.ndarray, total_sq: np.ndarray, count: int) -> dict[str, np.ndarray]:
-  """Mean and std from on-device running sums (train edges)."""
-  mean = np.asarray(total, np.float64) / count
-  var = np.maximum(np.asarray(total_sq, np.float64) / count - mean ** 2, 0.0)
-  return {'mean': mean, 'std': np.sqrt(var)}
+def moment_stats(total: np.ndarray, m2_within: np.ndarray, batch_sums_sq: np.ndarray,
+                 batch_size: int, batches: int) -> dict[str, np.ndarray]:
+  """Mean and std over every sample of equal-sized batches from per-batch moments (train edges):
+  `total` = sum of the batch sums S_i, `m2_within` = sum of each batch's squared deviations from
+  its own mean, `batch_sums_sq` = sum of S_i^2. The between-batch part is formed in float64."""
+  n = batch_size * batches
+  total = np.asarray(total, np.float64)
+  m2 = (np.asarray(m2_within, np.float64) + np.asarray(batch_sums_sq, np.float64) / batch_size
+        - total ** 2 / n)
+  return {'mean': total / n, 'std': np.sqrt(np.maximum(m2, 0.0) / n)}
 
 
 def write_history(rows: Sequence[Mapping[str, Any]], directory: str) -> None:

@@ -21,7 +21,7 @@ from dmd_jax.model import init_params, kernels
 from dmd_jax.schema import EVAL_KEYS
 from dmd_jax.training.optim import reference_optimizer
 from dmd_jax.training.state import create_train_state, train_step
-from dmd_jax.training.steps import Steps, make_mesh
+from dmd_jax.training.steps import Steps, make_mesh, member, seed_axis_size, stack
 
 SETTINGS = ('mosi_aligned', 'mosi_unaligned', 'mosei_aligned', 'mosei_unaligned')
 # Untimed train steps before the timed ones (micro, update, micro). In one MOSI-aligned batch-16
@@ -112,10 +112,42 @@ def step_flops(cfg, state, batch, key) -> Optional[float]:
   return float(cost['flops']) if cost and 'flops' in cost else None
 
 
+def _group_inputs(steps: Steps, params, cfg, k: int, bsz: int):
+  """A group of `k` identical members (window of 2: the steps alternate micro-step and update
+  step, the same code as a window of 10) and one batch per member."""
+  state = create_train_state(params, reference_optimizer(update_epochs=2))
+  host = {key: np.asarray(v) for key, v in random_batch(cfg, bsz).items()}
+  return (steps.put_members(stack([state] * k)), steps.put(stack([host] * k)),
+          steps.keys(np.arange(k, dtype=np.uint32)), steps.put_members(np.ones(k, bool)), host)
+
+
+def _time_steps(train, state, batch, keys, active, repeats: int):
+  """(compile-free) first step time, micro-step and update-step times after WARMUP_STEPS."""
+  micro, update = [], []
+  (state, _), first_s = _timed(train, state, batch, keys, active)   # micro-step 1
+  for _ in range(WARMUP_STEPS - 1):
+    state, _ = train(state, batch, keys, active)
+  jax.block_until_ready(state)
+  for step in range(WARMUP_STEPS + 1, WARMUP_STEPS + 1 + 2 * repeats):
+    (state, metrics), dt = _timed(train, state, batch, keys, active)
+    (update if step % 2 == 0 else micro).append(dt)   # a window of 2 closes on even steps
+  return state, metrics, first_s, micro, update
+
+
+def _peak_memory(platform: str) -> dict[str, Any]:
+  if platform == 'cpu':
+    return {'peak_host_rss_gib': round(_peak_rss_bytes() / 2**30, 3)}
+  peak = _peak_device_bytes()
+  return {'peak_device_gib': None if peak is None else round(peak / 2**30, 3)}
+
+
 def run_setting(setting: str, batch_sizes: Sequence[int], *, dtype: str = 'float32',
                 repeats: int = 1, eval_batches: int = 2, count_flops: bool = False,
-                bert=None, devices=None, **overrides) -> list[dict[str, Any]]:
-  """Runs the cases of one setting in this process; returns one record per batch size.
+                seeds: Sequence[int] = (), bert=None, devices=None,
+                **overrides) -> list[dict[str, Any]]:
+  """Runs the cases of one setting in this process; returns one record per batch size, and with
+  `seeds` (e.g. (1, 2, 5)) one 'seeds' record per batch size and member count: K seeds trained
+  together in one program against K steps of one seed.
 
   `bert` replaces the bert-base-sized encoder and `overrides` any DMDConfig field (tests use a
   tiny network); `devices` the mesh's devices (default: all)."""
@@ -123,11 +155,13 @@ def run_setting(setting: str, batch_sizes: Sequence[int], *, dtype: str = 'float
     raise ValueError(f'--settings: unknown setting {setting!r}; choose from {SETTINGS}')
   if repeats < 1 or eval_batches < 1:
     raise ValueError(f'--repeats ({repeats}) and --eval_batches ({eval_batches}) must be >= 1')
+  if any(k < 1 for k in seeds):
+    raise ValueError(f'--seeds: member counts must be >= 1, got {list(seeds)}')
   dataset, alignment = setting.split('_')
   cfg = config_lib.reference_config(dataset, aligned=alignment == 'aligned', bert=bert,
                                     compute_dtype=dtype, **overrides)
-  mesh = make_mesh(devices)
-  n_dev = mesh.devices.size
+  devices = np.asarray(devices if devices is not None else jax.devices())
+  n_dev = devices.size
   for b in batch_sizes:
     if b < 1 or b % n_dev:
       raise ValueError(f'--batch_sizes: {b} is not a positive multiple of the {n_dev} devices')
@@ -136,43 +170,36 @@ def run_setting(setting: str, batch_sizes: Sequence[int], *, dtype: str = 'float
   params = jax.block_until_ready(init_params(cfg, jax.random.key(0)))
   init_s = time.perf_counter() - t0
   n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
-  steps = Steps(cfg, mesh)
+  steps = Steps(cfg, make_mesh(devices))
+  base = dict(hw, setting=setting, dataset=dataset, aligned=cfg.aligned, seq_lens=cfg.seq_lens,
+              dtype=dtype, text_encoder=f'{cfg.bert.hidden_size}x{cfg.bert.num_hidden_layers} '
+              '(random)', params=n_params)
   records = []
   for bsz in sorted(batch_sizes):
     _reset_peak_rss()
-    # Window of 2: the steps alternate micro-step, update step (identical code to window 10).
-    state = steps.replicate(create_train_state(params, reference_optimizer(update_epochs=2)))
-    host = {k: np.asarray(v) for k, v in random_batch(cfg, bsz).items()}
-    batch = steps.put(host)
-    key = steps.key(0)
-
+    state, batch, keys, active, host = _group_inputs(steps, params, cfg, 1, bsz)
     t0 = time.perf_counter()
-    train = steps.train.lower(state, batch, key).compile()
+    train = steps.train.lower(state, batch, keys, active).compile()
     compile_s = time.perf_counter() - t0
-    micro, update = [], []
-    (state, _), first_s = _timed(train, state, batch, key)   # micro-step 1
-    for _ in range(WARMUP_STEPS - 1):
-      state, _ = train(state, batch, key)
-    jax.block_until_ready(state)
-    for step in range(WARMUP_STEPS + 1, WARMUP_STEPS + 1 + 2 * repeats):
-      (state, metrics), dt = _timed(train, state, batch, key)
-      (update if step % 2 == 0 else micro).append(dt)   # a window of 2 closes on even steps
-    loss = float(jax.device_get(metrics['total']))
-    flops = step_flops(cfg, state, batch, key) if count_flops else None
+    state, metrics, first_s, micro, update = _time_steps(train, state, batch, keys, active,
+                                                         repeats)
+    loss = float(jax.device_get(metrics['total'])[0])
+    flops = (step_flops(cfg, member(state, 0), member(batch, 0), member(keys, 0))
+             if count_flops else None)
     del state
 
-    eval_batch = steps.put(dict(host, mask=np.ones(bsz, np.float32),
-                                index=np.arange(bsz, dtype=np.int32)), EVAL_KEYS)
+    one = stack([params])
+    eval_batch = steps.put_shared(dict(host, mask=np.ones(bsz, np.float32),
+                                       index=np.arange(bsz, dtype=np.int32)), EVAL_KEYS)
+    one = steps.put_members(one)
     t0 = time.perf_counter()
-    evaluate = steps.eval.lower(params, eval_batch).compile()
+    evaluate = steps.eval.lower(one, eval_batch).compile()
     eval_compile_s = time.perf_counter() - t0
-    _timed(evaluate, params, eval_batch)
-    eval_times = [_timed(evaluate, params, eval_batch)[1] for _ in range(eval_batches)]
+    _timed(evaluate, one, eval_batch)
+    eval_times = [_timed(evaluate, one, eval_batch)[1] for _ in range(eval_batches)]
 
     micro_s, update_s, eval_s = (statistics.median(x) for x in (micro, update, eval_times))
-    rec = dict(hw, setting=setting, dataset=dataset, aligned=cfg.aligned, seq_lens=cfg.seq_lens,
-               batch_size=bsz, dtype=dtype, text_encoder=f'{cfg.bert.hidden_size}x'
-               f'{cfg.bert.num_hidden_layers} (random)', params=n_params,
+    rec = dict(base, kind='step', batch_size=bsz,
                init_s=round(init_s, 2), compile_s=round(compile_s, 2),
                first_step_s=round(first_s, 3), micro_step_s=round(micro_s, 4),
                update_step_s=round(update_s, 4),
@@ -181,12 +208,7 @@ def run_setting(setting: str, batch_sizes: Sequence[int], *, dtype: str = 'float
                eval_samples_per_s=round(bsz / eval_s, 2), loss=round(loss, 4),
                timed_micro_steps=len(micro), timed_update_steps=len(update),
                micro_steps_s=[round(t, 4) for t in micro],
-               update_steps_s=[round(t, 4) for t in update])
-    if hw['platform'] == 'cpu':
-      rec['peak_host_rss_gib'] = round(_peak_rss_bytes() / 2**30, 3)
-    else:
-      peak = _peak_device_bytes()
-      rec['peak_device_gib'] = None if peak is None else round(peak / 2**30, 3)
+               update_steps_s=[round(t, 4) for t in update], **_peak_memory(hw['platform']))
     if flops is not None:
       rec['step_tflop'] = round(flops / 1e12, 4)
       rec['achieved_tflops'] = round(flops / micro_s / 1e12, 3)
@@ -196,21 +218,68 @@ def run_setting(setting: str, batch_sizes: Sequence[int], *, dtype: str = 'float
         rec['peak_tflops'] = round(chip * hw['devices'], 1)
         rec['utilisation'] = round(rec['achieved_tflops'] / rec['peak_tflops'], 4)
     records.append(rec)
+    records += [_seeds_case(cfg, params, devices, bsz, k, repeats, base, rec)
+                for k in sorted(set(seeds))]
   return records
 
 
+def _seeds_case(cfg, params, devices, bsz: int, k: int, repeats: int, base: dict,
+                single: dict) -> dict[str, Any]:
+  """K members in one program (the training program of `seed_mode='together'`, on the mesh
+  training would use) against K single-member steps."""
+  _reset_peak_rss()
+  mesh = make_mesh(devices, seed_axis_size(k, devices.size, jax.process_count()))
+  steps = Steps(cfg, mesh)
+  state, batch, keys, active, _ = _group_inputs(steps, params, cfg, k, bsz)
+  t0 = time.perf_counter()
+  train = steps.train.lower(state, batch, keys, active).compile()
+  compile_s = time.perf_counter() - t0
+  state, _, _, micro, update = _time_steps(train, state, batch, keys, active, repeats)
+  del state
+  micro_s, update_s = statistics.median(micro), statistics.median(update)
+  memory = _peak_memory(base['platform'])
+  total = next(iter(memory.values()))
+  return dict(base, kind='seeds', batch_size=bsz, seeds=k, seed_axis=mesh.shape['seed'],
+              compile_s=round(compile_s, 2), micro_step_s=round(micro_s, 4),
+              update_step_s=round(update_s, 4),
+              sequential_micro_step_s=round(k * single['micro_step_s'], 4),
+              sequential_update_step_s=round(k * single['update_step_s'], 4),
+              speedup=round(k * single['micro_step_s'] / micro_s, 3),
+              time_vs_one_seed=round(micro_s / single['micro_step_s'], 3),
+              micro_steps_s=[round(t, 4) for t in micro],
+              update_steps_s=[round(t, 4) for t in update], **memory,
+              memory_per_seed_gib=None if total is None else round(total / k, 3))
+
+
 def markdown_table(records: Sequence[dict[str, Any]]) -> str:
-  """The records as a Markdown table (memory and FLOP/s columns as available)."""
+  """The step records as a Markdown table (memory and FLOP/s columns as available), and the
+  'seeds' records as a second one."""
+  steps = [r for r in records if r.get('kind', 'step') == 'step']
+  seeds = [r for r in records if r.get('kind') == 'seeds']
   mem = 'peak_host_rss_gib' if any('peak_host_rss_gib' in r for r in records) else \
       'peak_device_gib'
+  mem_title = 'peak host RSS (GiB)' if mem == 'peak_host_rss_gib' else 'peak device memory (GiB)'
   cols = [('setting', 'setting'), ('batch_size', 'batch'), ('dtype', 'dtype'),
           ('devices', 'devices'), ('compile_s', 'compile (s)'),
           ('micro_step_s', 'micro-step (s)'), ('update_step_s', 'update step (s)'),
           ('train_samples_per_s', 'train samples/s'), ('eval_samples_per_s', 'eval samples/s'),
-          (mem, 'peak host RSS (GiB)' if mem == 'peak_host_rss_gib' else
-           'peak device memory (GiB)')]
-  if any('achieved_tflops' in r for r in records):
+          (mem, mem_title)]
+  if any('achieved_tflops' in r for r in steps):
     cols += [('achieved_tflops', 'TFLOP/s'), ('utilisation', 'of peak')]
+  out = _table(cols, steps)
+  if seeds:
+    out += '\n\n' + _table(
+        [('setting', 'setting'), ('batch_size', 'batch'), ('seeds', 'seeds K'),
+         ('seed_axis', 'seed axis'), ('compile_s', 'compile (s)'),
+         ('micro_step_s', 'K together: micro-step (s)'),
+         ('update_step_s', 'K together: update step (s)'),
+         ('sequential_micro_step_s', 'K sequential micro-steps (s)'), ('speedup', 'speed-up'),
+         ('time_vs_one_seed', 'time / one seed'), (mem, mem_title),
+         ('memory_per_seed_gib', 'per seed (GiB)')], seeds)
+  return out
+
+
+def _table(cols, records) -> str:
   lines = ['| ' + ' | '.join(c[1] for c in cols) + ' |',
            '|' + '|'.join('---' for _ in cols) + '|']
   for r in records:

@@ -38,11 +38,29 @@ class Linear(nn.Module):
     return x @ kernel + bias
 
 
-def conv1d(features: int, kernel: int, name: str) -> nn.Conv:
-  """Bias-free 'valid' Conv1d over (B, T, C) with PyTorch's default initialisation."""
-  return nn.Conv(features, kernel_size=(kernel,), padding='VALID', use_bias=False,
-                 kernel_init=nn.initializers.variance_scaling(1 / 3, 'fan_in', 'uniform'),
-                 name=name)
+class Conv1d(nn.Module):
+  """Bias-free 'valid' Conv1d over (B, T, C) with PyTorch's default initialisation; parameter
+  `kernel` (k, in, out) as flax's nn.Conv. Computed as k shifted matrix products, not with the
+  convolution primitive: vmapped over the members of a group (training.steps) a convolution
+  becomes a grouped one, which XLA's SPMD partitioner gets wrong when the members are sharded
+  over devices (wrong values for 1-wide kernels, an error for wider ones; tests/seeds_test.py)."""
+  features: int
+  kernel_size: int
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    k = self.kernel_size
+    kernel = self.param('kernel', nn.initializers.variance_scaling(1 / 3, 'fan_in', 'uniform'),
+                        (k, x.shape[-1], self.features)).astype(x.dtype)
+    t = x.shape[-2] - k + 1
+    out = x[..., :t, :] @ kernel[0]
+    for j in range(1, k):
+      out = out + x[..., j:j + t, :] @ kernel[j]
+    return out
+
+
+def conv1d(features: int, kernel: int, name: str) -> Conv1d:
+  return Conv1d(features, kernel, name=name)
 
 
 class LayerNorm(nn.Module):

@@ -3,6 +3,6 @@ total with `compute_loss(params, batch, config)` (total.py). Reads the model's o
 here knows about optimisers or data files.
 """
 
-from dmd_jax.objective.total import compute_loss, dmd_losses
+from dmd_jax.objective.total import LOSS_WEIGHTS, compute_loss, dmd_losses
 
-__all__ = ['compute_loss', 'dmd_losses']
+__all__ = ['LOSS_WEIGHTS', 'compute_loss', 'dmd_losses']

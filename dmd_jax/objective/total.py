@@ -20,11 +20,26 @@ from dmd_jax.schema import UNITS
 PyTree = Any
 
 
-def dmd_losses(out: Mapping[str, jax.Array], labels: jax.Array,
-               cfg: DMDConfig) -> dict[str, jax.Array]:
+# The weights of the total that a hyper-parameter sweep may vary per member (traced values, so
+# that members share one compiled step); the rest stay static fields of DMDConfig.
+LOSS_WEIGHTS = ('gd_weight', 'decouple_weight', 'margin_ort_weight')
+
+
+def loss_weights(cfg: DMDConfig, overrides: Optional[Mapping[str, Any]] = None) -> dict:
+  """The LOSS_WEIGHTS of `cfg`, with any given in `overrides` (numbers or arrays) in their place."""
+  overrides = dict(overrides or {})
+  unknown = sorted(set(overrides) - set(LOSS_WEIGHTS))
+  if unknown:
+    raise ValueError(f'unknown loss weight(s) {unknown}; sweepable: {list(LOSS_WEIGHTS)}')
+  return {k: overrides.get(k, getattr(cfg, k)) for k in LOSS_WEIGHTS}
+
+
+def dmd_losses(out: Mapping[str, jax.Array], labels: jax.Array, cfg: DMDConfig,
+               weights: Optional[Mapping[str, Any]] = None) -> dict[str, jax.Array]:
   """Every term of the objective, and `total` (spec §3.7). `homo_repr` is computed but, as in
   the reference, not part of the total. DHMD adds `homo_match` and `hetero_match`, each weighted
-  by `cfg.dictionary.weight`."""
+  by `cfg.dictionary.weight`. `weights` overrides LOSS_WEIGHTS of `cfg` (a sweep member's)."""
+  w = loss_weights(cfg, weights)
   labels = labels.reshape(-1, 1).astype(jnp.float32)
   terms = {'task': task_loss(out, labels), 'recon': reconstruction_loss(out),
            'cycle': cycle_loss(out), 'ort': orthogonality_loss(out),
@@ -35,10 +50,10 @@ def dmd_losses(out: Mapping[str, jax.Array], labels: jax.Array,
     terms.update(matching_losses(out, labels, cfg))
   terms['total'] = (
       terms['task']
-      + cfg.gd_weight * (terms['homo_logit'] + terms['homo_reg'])
-      + cfg.gd_weight * (terms['hetero_logit'] + terms['hetero_repr'] + terms['hetero_reg'])
-      + cfg.decouple_weight * (terms['cycle'] + terms['recon']
-                               + cfg.margin_ort_weight * (terms['margin'] + terms['ort'])))
+      + w['gd_weight'] * (terms['homo_logit'] + terms['homo_reg'])
+      + w['gd_weight'] * (terms['hetero_logit'] + terms['hetero_repr'] + terms['hetero_reg'])
+      + w['decouple_weight'] * (terms['cycle'] + terms['recon']
+                                + w['margin_ort_weight'] * (terms['margin'] + terms['ort'])))
   if cfg.dhmd:
     terms['total'] = terms['total'] + cfg.dictionary.weight * (terms['homo_match']
                                                                + terms['hetero_match'])
@@ -47,8 +62,9 @@ def dmd_losses(out: Mapping[str, jax.Array], labels: jax.Array,
 
 def compute_loss(params: PyTree, batch: Mapping[str, jax.Array], config: DMDConfig, *,
                  rng: Optional[jax.Array] = None, train: bool = False,
-                 step: Optional[jax.Array] = None) -> tuple[jax.Array, dict[str, Any]]:
-  """The DMD objective on one batch.
+                 step: Optional[jax.Array] = None,
+                 weights: Optional[Mapping[str, Any]] = None) -> tuple[jax.Array, dict[str, Any]]:
+  """The DMD objective on one batch (`weights`: see `dmd_losses`).
 
   Returns:
     (total, aux) with aux = {'losses': every named term (task, recon, cycle, ort, margin,
@@ -58,5 +74,5 @@ def compute_loss(params: PyTree, batch: Mapping[str, jax.Array], config: DMDConf
   """
   check_batch(batch)
   out = forward(params, batch, config, rng=rng, train=train, step=step)
-  terms = dmd_losses(out, batch['labels'], config)
+  terms = dmd_losses(out, batch['labels'], config, weights)
   return terms['total'], {'losses': terms, 'outputs': out}

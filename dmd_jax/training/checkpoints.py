@@ -136,6 +136,12 @@ def restore_state(mngr: ocp.CheckpointManager, step: int, target):
   return got[STATE_ITEM], dict(got[META_ITEM])
 
 
+def restore_meta(mngr: ocp.CheckpointManager, step: int) -> dict:
+  """The JSON metadata of a `save_state` checkpoint alone."""
+  got = mngr.restore(step, args=ocp.args.Composite(**{META_ITEM: ocp.args.JsonRestore()}))
+  return dict(got[META_ITEM])
+
+
 def restore_any(ckpt: str, like: PyTree) -> PyTree:
   """Params from a training `best/` dir (state item) or from `save_params` (params item);
   `like` gives the tree structure and shapes of the former."""

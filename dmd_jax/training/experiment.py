@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import csv
 import io
+import itertools
 import json
 import os
 import subprocess
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import jax
 import numpy as np
@@ -23,10 +24,10 @@ from dmd_jax.analysis import edges
 from dmd_jax.analysis.metrics import METRIC_NAMES
 from dmd_jax.data.pipeline import Loader, open_split
 from dmd_jax.training import checkpoints
-from dmd_jax.training.loop import Data, train_seed
+from dmd_jax.training.loop import Data, Member, train_group
 from dmd_jax.training.outputs import write_json, write_predictions, write_text
-from dmd_jax.training.run_config import model, validate_run
-from dmd_jax.training.steps import Steps, evaluate, make_mesh
+from dmd_jax.training.run_config import model, setup_compile_cache, validate_run
+from dmd_jax.training.steps import Steps, evaluate, make_mesh, stack
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -56,7 +57,8 @@ def data_path(run) -> str:
       'or point --config.data_dir at the data dir that holds it')
 
 
-def loaders(run, path: str, seed: int) -> Data:
+def loaders(run, path: str, seeds: Sequence[int]) -> Data:
+  """A training loader per seed (its own shuffling), one valid and one test loader."""
   sources = {s: open_split(path, s) for s in schema.SPLITS}
 
   def ids(split, index):
@@ -64,9 +66,31 @@ def loaders(run, path: str, seed: int) -> Data:
     return [src[int(i)]['id'].decode() for i in index]
 
   return Data(
-      train=Loader(sources['train'], run.batch_size, train=True, seed=seed),
+      train=[Loader(sources['train'], run.batch_size, train=True, seed=seed) for seed in seeds],
       valid=Loader(sources['valid'], run.batch_size, train=False),
       test=Loader(sources['test'], run.batch_size, train=False), ids=ids)
+
+
+def sweep_members(run) -> list[tuple[str, dict]]:
+  """(folder, hyper-parameters) of every member of `run.sweep` (the grid of its lists); one
+  member with no folder and no overrides without a sweep."""
+  sweep = {k: tuple(v) for k, v in (run.get('sweep') or {}).items() if v}
+  if not sweep:
+    return [('', {})]
+  keys = sorted(sweep)
+  return [(','.join(f'{k}={v:g}' for k, v in zip(keys, combo)),
+           {k: float(v) for k, v in zip(keys, combo)})
+          for combo in itertools.product(*(tuple(sweep[k]) for k in keys))]
+
+
+def groups(run, workdir: str) -> list[list[Member]]:
+  """Every (sweep member, seed) as a `Member`, cut into the groups that train together: all in
+  one (`seed_mode='together'`, at most `seeds_per_program` per group when set), or one at a time
+  (`seed_mode='sequential'`)."""
+  members = [Member(seed, os.path.join(workdir, folder, f'seed_{seed}'), hparams)
+             for folder, hparams in sweep_members(run) for seed in run.seeds]
+  size = 1 if run.seed_mode == 'sequential' else (run.seeds_per_program or len(members))
+  return [members[i:i + size] for i in range(0, len(members), size)]
 
 
 def git_commit() -> str:
@@ -79,26 +103,39 @@ def git_commit() -> str:
 
 
 def run_training(run, workdir: str, *, progress: bool = True, log=print) -> dict[str, Any]:
-  """Every seed of `run` (resuming any finished or interrupted ones in `workdir`), then the
-  results table as results.{csv,json,md}."""
+  """Every seed (and sweep member) of `run`, resuming whatever an interrupted run left in
+  `workdir`; then the results table as results.{csv,json,md} (per sweep member, in its folder,
+  plus sweep.{md,json} comparing the members)."""
   validate_run(run)
+  setup_compile_cache(run)
   path = data_path(run)
   cfg, init = model(run)
-  mesh = make_mesh()
+  todo = groups(run, workdir)
   log(f'{run.dataset} {"aligned" if run.aligned else "unaligned"} from {path}; '
       f'{jax.device_count()} device(s) in {jax.process_count()} process(es); '
-      f'global batch {run.batch_size}; seeds {list(run.seeds)}')
+      f'global batch {run.batch_size}; seeds {list(run.seeds)}; '
+      f'{sum(map(len, todo))} run(s) in {len(todo)} program(s)')
   # what `python -m dmd_jax.export_edges --workdir` reads back
   write_text(os.path.join(workdir, 'config.json'), run.to_json_best_effort(indent=1))
-  rows = [train_seed(run, cfg, init, loaders(run, path, seed), seed,
-                     os.path.join(workdir, f'seed_{seed}'), mesh=mesh, progress=progress, log=log)
-          for seed in run.seeds]
-  table = results_table(rows, run.dataset, run.aligned, git_commit())
-  table['baseline'] = constant_baseline(path)
-  log(f"constant prediction (train mean {table['baseline']['train_mean']:.4f}): test MAE "
-      f"{table['baseline']['test_MAE']:.4f}")
-  write_table(table, workdir)
-  return table
+  results = {}
+  for group in todo:
+    rows = train_group(run, cfg, init, group, loaders(run, path, [m.seed for m in group]),
+                       progress=progress, log=log)
+    results.update({m.workdir: row for m, row in zip(group, rows)})
+  baseline = constant_baseline(path)
+  log(f"constant prediction (train mean {baseline['train_mean']:.4f}): test MAE "
+      f"{baseline['test_MAE']:.4f}")
+  commit = git_commit()
+  tables = {}
+  for folder, _ in sweep_members(run):
+    rows = [results[os.path.join(workdir, folder, f'seed_{seed}')] for seed in run.seeds]
+    table = results_table(rows, run.dataset, run.aligned, commit)
+    table['baseline'] = baseline
+    write_table(table, os.path.join(workdir, folder))
+    tables[folder] = table
+  if len(tables) > 1:
+    write_sweep_table(tables, workdir)
+  return tables[''] if '' in tables else {'sweep': tables}
 
 
 def _labels(source) -> np.ndarray:
@@ -123,6 +160,19 @@ def results_table(rows, dataset: str, aligned: bool, commit: str) -> dict[str, A
   summary = {m: {'mean': float(np.mean(v)), 'std': float(np.std(v))} for m, v in values.items()}
   return {'dataset': dataset, 'aligned': aligned, 'commit': commit, 'split': 'test',
           'metrics': names, 'seeds': per_seed, 'mean_std': summary}
+
+
+def write_sweep_table(tables: Mapping[str, Mapping[str, Any]], workdir: str) -> None:
+  """sweep.{md,json}: per member, the mean ± std over seeds of the main test metrics."""
+  names = ('Non0_acc_2', 'Non0_F1_score', 'Mult_acc_7', 'MAE', 'Corr')
+  md = ['| member | seeds | ' + ' | '.join(names) + ' |', '|' + '---|' * (len(names) + 2)]
+  for folder, t in tables.items():
+    ms = t['mean_std']
+    md.append(f"| {folder} | {len(t['seeds'])} | " + ' | '.join(
+        f"{ms[m]['mean']:.4f} ± {ms[m]['std']:.4f}" for m in names) + ' |')
+  write_text(os.path.join(workdir, 'sweep.md'), '\n'.join(md) + '\n')
+  write_json(os.path.join(workdir, 'sweep.json'),
+             {folder: t['mean_std'] for folder, t in tables.items()})
 
 
 def write_table(table: Mapping[str, Any], workdir: str) -> None:
@@ -158,6 +208,7 @@ def _split_from_checkpoint(run, workdir: str, split: str, seed: int, checkpoint:
   run's checkpoint: `checkpoint`, else the best params of `seed` in `workdir`."""
   if split not in schema.SPLITS:
     raise ValueError(f'split must be one of {schema.SPLITS}, got {split!r}')
+  setup_compile_cache(run)
   path = data_path(run)
   cfg, init = model(run)
   ckpt = checkpoint or os.path.join(workdir, f'seed_{seed}', 'best')
@@ -165,9 +216,9 @@ def _split_from_checkpoint(run, workdir: str, split: str, seed: int, checkpoint:
     raise FileNotFoundError(f'checkpoint not found: {ckpt} (set --config.checkpoint=DIR, or '
                             'train first)')
   steps = Steps(cfg, make_mesh())
-  params = steps.replicate(checkpoints.restore_any(ckpt, jax.eval_shape(init, 0)))
-  data = loaders(run, path, seed)
-  loader = getattr(data, split)
+  params = steps.put_members(stack([checkpoints.restore_any(ckpt, jax.eval_shape(init, 0))]))
+  data = loaders(run, path, [seed])
+  loader = data.train[0] if split == 'train' else getattr(data, split)
   if split == 'train':   # every training sample once, in file order
     loader = Loader(loader.source, run.batch_size, train=False)
   return cfg, steps, params, loader, data, ckpt
@@ -181,7 +232,7 @@ def run_eval(run, workdir: str, *, log=print) -> dict[str, Any]:
   split = run.eval_split
   _, steps, params, loader, data, ckpt = _split_from_checkpoint(run, workdir, split,
                                                                 run.seeds[0], run.checkpoint)
-  metrics, preds = evaluate(steps, params, loader)
+  ((metrics, preds),) = evaluate(steps, params, loader)
   out = os.path.join(workdir, f'eval_{split}')
   write_predictions(out + '_predictions.csv', preds, data.ids(split, preds['index']))
   write_json(out + '_metrics.json', {'checkpoint': os.path.abspath(ckpt), 'split': split,
@@ -197,7 +248,7 @@ def export_edges(run, workdir: str, split: str = 'test', seed: int | None = None
   seed = run.seeds[0] if seed is None else seed
   cfg, steps, params, loader, data, _ = _split_from_checkpoint(run, workdir, split, seed,
                                                                checkpoint)
-  _, per_sample = evaluate(steps, params, loader)
+  ((_, per_sample),) = evaluate(steps, params, loader)
   out = edges.write_export(os.path.join(workdir, 'edges'), per_sample,
                            data.ids(split, per_sample['index']), cfg, split)
   for u in edges.UNITS:

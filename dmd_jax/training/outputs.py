@@ -44,15 +44,16 @@ def write_predictions(path: str, preds: Mapping[str, np.ndarray],
   write_text(path, '\n'.join(rows) + '\n')
 
 
-def epoch_edge_stats(sums: Mapping[str, np.ndarray], n_train: int,
+def epoch_edge_stats(sums: Mapping[str, np.ndarray], batch_size: int, batches: int,
                      valid_out: Mapping[str, np.ndarray],
                      test_out: Mapping[str, np.ndarray]) -> dict[str, dict[str, float]]:
-  """Per split, the mean and std of each edge over samples (train from the step's running
-  moments, valid and test from the per-sample edges of the eval step)."""
+  """Per split, the mean and std of each edge over samples (train from the step's batch
+  moments, summed over the epoch; valid and test from the per-sample edges of the eval step)."""
+  vec = lambda u, name: edges.edge_vector(sums[f'edges_{u}_{name}'])
   return {
       'train': edges.epoch_row({u: edges.moment_stats(
-          edges.edge_vector(sums[f'edges_{u}_sum']), edges.edge_vector(sums[f'edges_{u}_sqsum']),
-          n_train) for u in edges.UNITS}),
+          vec(u, 'sum'), vec(u, 'm2'), vec(u, 'sum_sq'), batch_size, batches)
+          for u in edges.UNITS}),
       'valid': edges.epoch_row({u: edges.vector_stats(edges.edge_vector(valid_out[u]))
                                 for u in edges.UNITS}),
       'test': edges.epoch_row({u: edges.vector_stats(edges.edge_vector(test_out[u]))

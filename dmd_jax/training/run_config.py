@@ -15,8 +15,11 @@ import ml_collections
 from dmd_jax.config import BertConfig, DMDConfig, from_run_config
 from dmd_jax.model import init_params
 from dmd_jax.model.bert import load_bert, resolve_bert_dir
+from dmd_jax.objective import LOSS_WEIGHTS
 
 MODES = ('train', 'eval')
+SEED_MODES = ('together', 'sequential')
+SWEEPABLE = ('learning_rate',) + LOSS_WEIGHTS
 
 PyTree = Any
 
@@ -78,6 +81,31 @@ def validate_run(run: Mapping[str, Any]) -> None:
   need(run['mode'] in MODES, 'mode', f'must be one of {MODES}')
   need(run['eval_split'] in ('train', 'valid', 'test'), 'eval_split',
        "must be 'train', 'valid' or 'test'")
+  need(run['seed_mode'] in SEED_MODES, 'seed_mode', f'must be one of {SEED_MODES}')
+  need(run['seeds_per_program'] >= 0, 'seeds_per_program', 'must be >= 0 (0: all together)')
+  sweep = run.get('sweep') or {}
+  for key, values in sweep.items():
+    if key not in SWEEPABLE:
+      raise ValueError(f'config.sweep.{key}: not sweepable; choose from {list(SWEEPABLE)}')
+    if not isinstance(values, (list, tuple)) or not all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0 for v in values):
+      raise ValueError(f'config.sweep.{key}={values!r}: must be a tuple of non-negative numbers')
+
+
+def setup_compile_cache(run: Mapping[str, Any]) -> Optional[str]:
+  """Turns on JAX's persistent compilation cache in `run.compile_cache` (if not empty), so that a
+  second run, an eval or a resume of the same shapes loads the compiled steps instead of
+  compiling them again. JAX_COMPILATION_CACHE_DIR, when set, takes precedence. Returns the
+  directory in use."""
+  path = run.get('compile_cache', '')
+  if not path:
+    return None
+  env = os.environ.get('JAX_COMPILATION_CACHE_DIR')
+  if env:
+    return env
+  path = os.path.expanduser(path)
+  jax.config.update('jax_compilation_cache_dir', path)
+  return path
 
 
 def load_run_config(workdir: str):

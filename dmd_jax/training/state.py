@@ -26,11 +26,14 @@ Batch = Mapping[str, jax.Array]
 
 class TrainState(flax.struct.PyTreeNode):
   """Parameters and optimizer state; `step` counts micro-batches (optimizer updates happen once
-  per accumulation window, inside `opt_state`)."""
+  per accumulation window, inside `opt_state`). `loss_weights` overrides the objective's
+  sweepable weights (dmd_jax.objective.LOSS_WEIGHTS) for this state, e.g. a sweep member's; empty
+  means the config's."""
   step: jax.Array
   params: PyTree
   opt_state: optax.OptState
-  tx: optax.GradientTransformation = flax.struct.field(pytree_node=False)
+  loss_weights: dict = flax.struct.field(default_factory=dict)
+  tx: optax.GradientTransformation = flax.struct.field(pytree_node=False, default=None)
 
   def apply_gradients(self, grads: PyTree) -> 'TrainState':
     apply = getattr(self.tx, 'apply', None)     # optim.Accumulator: update fused into the step
@@ -42,8 +45,11 @@ class TrainState(flax.struct.PyTreeNode):
     return self.replace(step=self.step + 1, params=params, opt_state=opt_state)
 
 
-def create_train_state(params: PyTree, tx: optax.GradientTransformation) -> TrainState:
-  return TrainState(step=jnp.zeros([], jnp.int32), params=params, opt_state=tx.init(params), tx=tx)
+def create_train_state(params: PyTree, tx: optax.GradientTransformation,
+                       loss_weights: Mapping[str, float] | None = None) -> TrainState:
+  weights = {k: jnp.float32(v) for k, v in (loss_weights or {}).items()}
+  return TrainState(step=jnp.zeros([], jnp.int32), params=params, opt_state=tx.init(params),
+                    loss_weights=weights, tx=tx)
 
 
 def train_step(state: TrainState, batch: Batch, rng: jax.Array, *, config: DMDConfig,
@@ -52,12 +58,15 @@ def train_step(state: TrainState, batch: Batch, rng: jax.Array, *, config: DMDCo
   when the window completes. Pure; dropout keys are `fold_in(rng, step)`."""
   key = jax.random.fold_in(rng, state.step)
   grad_fn = jax.value_and_grad(compute_loss, has_aux=True)
-  (_, aux), grads = grad_fn(state.params, batch, config, rng=key, train=train, step=state.step)
+  (_, aux), grads = grad_fn(state.params, batch, config, rng=key, train=train, step=state.step,
+                           weights=state.loss_weights)
   metrics = dict(aux['losses'])
-  for space in UNITS:   # running moments: epoch statistics without another pass over the data
+  for space in UNITS:   # batch moments: epoch statistics without another pass over the data
     e = aux['outputs'][f'edges_{space}']                   # (B, 3, 3) per sample
     metrics[f'edges_{space}_sum'] = jnp.sum(e, axis=0)
-    metrics[f'edges_{space}_sqsum'] = jnp.sum(jnp.square(e), axis=0)
+    # squared deviations from the batch's own mean (a plain sum of squares would cancel: the
+    # edges' variance is ~1e-4 of their square)
+    metrics[f'edges_{space}_m2'] = jnp.sum(jnp.square(e - jnp.mean(e, axis=0)), axis=0)
   return state.apply_gradients(grads), metrics
 
 
