@@ -20,6 +20,7 @@ from typing import Any, Mapping
 import numpy as np
 
 # The dataset facts (splits, lengths, widths, file names, MMSA's hashes) live in dmd_jax.schema.
+from dmd_jax import io as safe_pickle
 from dmd_jax.schema import (AV_DIMS, AV_LENS, DATASETS, FILE_NAMES, MMSA_SHA256,  # noqa: F401
                             SPLIT_SIZES, SPLITS, TEXT_LEN, check_setting, setting_name)
 
@@ -74,8 +75,9 @@ def load_pickle(path: str | os.PathLike) -> dict:
   if not os.path.isfile(path):
     raise FileNotFoundError(f'MMSA pickle not found: {path}')
   try:
-    with open(path, 'rb') as f:
-      data = pickle.load(f)
+    data = safe_pickle.load_pickle(path)
+  except safe_pickle.UnsafePickleError as e:
+    raise MmsaFormatError(str(e)) from e
   except (EOFError, pickle.UnpicklingError, ValueError, TypeError, AttributeError,
           ImportError, IndexError, MemoryError, UnicodeDecodeError) as e:
     raise MmsaFormatError(f'{path}: not a readable pickle (truncated or corrupt?): '

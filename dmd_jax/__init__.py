@@ -1,8 +1,9 @@
 """dmd_jax: Decoupled Multimodal Distilling (DMD, CVPR 2023) for emotion recognition in JAX/Flax.
 
 Stages, each a subpackage that imports only the ones before it:
-  schema, config, io  ->  data  ->  model  ->  objective  ->  analysis  ->  training  ->  entry
-points (main, benchmark, export_edges, import_reference). See docs/architecture.md.
+  schema, config, io  ->  data  ->  model  ->  objective  ->  analysis  ->  training  ->
+inference (bundles, prediction) and dev tools  ->  entry points (main, predict, bundle,
+benchmark, export_edges, import_reference). See docs/architecture.md.
 
 The names below are the public API; they are imported on first use, so `import dmd_jax` (or
 `dmd_jax.schema` from data_prep) stays light and initialises no JAX backend.
@@ -27,6 +28,8 @@ _EXPORTS = {
     'import_reference': 'training.checkpoints', 'export_reference': 'training.checkpoints',
     'save_params': 'training.checkpoints', 'restore_params': 'training.checkpoints',
     'load_state_dict': 'model.state_dict',
+    'Predictor': 'inference.predictor', 'load_bundle': 'inference.bundle',
+    'write_bundle': 'inference.bundle',
 }
 __all__ = sorted(_EXPORTS)
 

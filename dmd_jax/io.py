@@ -1,11 +1,15 @@
-"""Writing files so that a reader never sees half of one: every writer goes through a temporary
-file (or directory) beside the target and renames it into place."""
+"""Files in and out. Writing: a reader never sees half of a file, as every writer goes through a
+temporary file (or directory) beside the target and renames it into place. Reading untrusted
+pickles: `load_pickle` admits numpy arrays and plain containers only, so a file cannot run code
+when read."""
 
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
+import pickle
 import shutil
 import tempfile
 from typing import Any, BinaryIO, Iterator
@@ -87,3 +91,53 @@ def atomic_directory(path: str | os.PathLike, *, overwrite: bool = False) -> Ite
       shutil.rmtree(old, ignore_errors=True)
   finally:
     shutil.rmtree(tmp, ignore_errors=True)
+
+
+# ---- untrusted pickles -------------------------------------------------------------------------
+
+class UnsafePickleError(pickle.UnpicklingError):
+  """A pickle asked for a class outside the admitted set (numpy arrays, dtypes and scalars;
+  dict, list, tuple, str, bytes, numbers)."""
+
+
+# (module, name) pairs a data pickle may reference: how numpy (1.x and 2.x, pickle protocols
+# 2-5) writes arrays, dtypes and scalars, and the plain containers. Each of these only builds
+# data; none can call back into arbitrary code.
+_ADMITTED = {
+    **{(m, n): None for m in ('numpy.core.multiarray', 'numpy._core.multiarray')
+       for n in ('_reconstruct', 'scalar')},
+    **{(m, '_frombuffer'): None for m in ('numpy.core.numeric', 'numpy._core.numeric')},
+    ('numpy', 'ndarray'): None, ('numpy', 'dtype'): None,
+    ('_codecs', 'encode'): None,                   # protocol 2 writes bytes through it
+    ('collections', 'OrderedDict'): None,
+    **{('builtins', n): None for n in ('dict', 'list', 'tuple', 'set', 'frozenset', 'str',
+                                       'bytes', 'bytearray', 'int', 'float', 'complex', 'bool')},
+    **{('__builtin__', n): None for n in ('dict', 'list', 'tuple', 'set', 'frozenset', 'str',
+                                          'bytes', 'bytearray', 'int', 'float', 'complex',
+                                          'bool', 'unicode', 'long')},
+}
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+
+  def __init__(self, file, name: str):
+    super().__init__(file)
+    self._name = name
+
+  def find_class(self, module: str, name: str):
+    if (module, name) not in _ADMITTED:
+      raise UnsafePickleError(
+          f'{self._name}: refused to load {module}.{name}: only numpy arrays and dtypes, dicts, '
+          'lists, tuples, strings and numbers are read from a pickle (a pickle can run code when '
+          'loaded; convert the file to plain arrays)')
+    return super().find_class(module, name)
+
+
+def load_pickle(source: str | os.PathLike | bytes) -> Any:
+  """Unpickle a file (or bytes) admitting only data: numpy arrays, dtypes and scalars, dict,
+  list, tuple, str, bytes and numbers. Anything else raises `UnsafePickleError` naming the file
+  and the class the pickle asked for, before that class is touched."""
+  if isinstance(source, bytes):
+    return _RestrictedUnpickler(io.BytesIO(source), 'pickle').load()
+  with open(source, 'rb') as f:
+    return _RestrictedUnpickler(f, os.fspath(source)).load()

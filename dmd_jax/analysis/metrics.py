@@ -13,6 +13,18 @@ import numpy as np
 METRIC_NAMES = ('Has0_acc_2', 'Has0_F1_score', 'Non0_acc_2', 'Non0_F1_score', 'Mult_acc_5',
                 'Mult_acc_7', 'MAE', 'Corr')
 
+
+def class_2(pred) -> np.ndarray:
+  """The 2-class label of a score as Non0_acc_2 (the paper's Acc2) reads a prediction:
+  'positive' above 0, else 'negative'."""
+  return np.where(np.asarray(pred) > 0, 'positive', 'negative')
+
+
+def class_7(pred) -> np.ndarray:
+  """The 7-class label of a score as Mult_acc_7 reads it: round(clip(score, -3, 3)), -3..3."""
+  return np.round(np.clip(np.asarray(pred, np.float32), -3.0, 3.0)).astype(np.int64)
+
+
 def weighted_f1(truth: np.ndarray, pred: np.ndarray) -> float:
   """Support-weighted mean of the per-class F1 of two boolean labelings (sklearn 'weighted';
   a class with no predicted or no true member has F1 0)."""
