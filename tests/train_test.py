@@ -58,6 +58,7 @@ def env(devices):
   return e
 
 
+@pytest.mark.slow
 def test_8_devices_match_1_device(data_dir):
   run = smoke_run(data_dir)
   cfg, init = run_config.model(run)
