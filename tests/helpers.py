@@ -1,10 +1,15 @@
 """Shared test helpers."""
 
+import json
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+import data_prep
 import dmd_jax
+from configs import smoke
 
 
 def random_params(cfg, seed: int = 0):
@@ -25,3 +30,25 @@ def random_params(cfg, seed: int = 0):
     return jnp.asarray(x, s.dtype)
 
   return jax.tree_util.tree_map_with_path(fill, shapes)
+
+
+def synthetic_data_dir(tmp_path_factory) -> str:
+  """configs/smoke.py's synthetic MOSI (aligned) data, prepared in a fresh folder."""
+  d = tmp_path_factory.mktemp('data')
+  syn = smoke.get_config().synthetic
+  pkl = data_prep.write_pickle(data_prep.generate('mosi', True, tuple(syn.sizes), seed=syn.seed,
+                                                  text_features=False), d / 'mosi.pkl')
+  data_prep.prepare(pkl, 'mosi', True, d, check_sha256=False)
+  return str(d)
+
+
+def seed_outputs(workdir, seed):
+  """(result.json, metrics.jsonl rows, predictions_test.csv text) of one seed of a run."""
+  d = os.path.join(workdir, f'seed_{seed}')
+  with open(os.path.join(d, 'result.json')) as f:
+    result = json.load(f)
+  with open(os.path.join(d, 'metrics.jsonl')) as f:
+    history = [json.loads(l) for l in f]
+  with open(os.path.join(d, 'predictions_test.csv')) as f:
+    preds = f.read()
+  return result, history, preds

@@ -1,5 +1,7 @@
-"""Many seeds in one program (seed_mode='together'): each seed as if it ran alone, frozen once it
-stops, the same on a sharded seed axis as on one device, a sweep along the same axis, resume."""
+"""Many seeds in one program (seed_mode='together'): each seed as if it ran alone (against
+sequential runs, with the seed axis sharded over device groups), a member's first step as alone,
+a finished member frozen, config errors; a SIGKILL and resume of the command (slow tier). The
+sweep and the in-process resume are in tests/sweep_test.py."""
 
 import json
 import os
@@ -12,9 +14,9 @@ import jax
 import numpy as np
 import pytest
 
-import data_prep
 import dmd_jax
 from configs import smoke
+from helpers import seed_outputs, synthetic_data_dir
 from dmd_jax.training import checkpoints, experiment, optim, run_config
 from dmd_jax.training.steps import Steps, make_mesh, member, stack
 
@@ -24,12 +26,7 @@ SEEDS = (1111, 1112, 1113, 1114)   # on 8 devices: a (seed 4, data 2) mesh
 
 @pytest.fixture(scope='module')
 def data_dir(tmp_path_factory):
-  d = tmp_path_factory.mktemp('data')
-  syn = smoke.get_config().synthetic
-  pkl = data_prep.write_pickle(data_prep.generate('mosi', True, tuple(syn.sizes), seed=syn.seed,
-                                                  text_features=False), d / 'mosi.pkl')
-  data_prep.prepare(pkl, 'mosi', True, d, check_sha256=False)
-  return str(d)
+  return synthetic_data_dir(tmp_path_factory)
 
 
 def _run(data_dir, **overrides):
@@ -42,17 +39,6 @@ def _run(data_dir, **overrides):
     else:
       setattr(run, k, v)
   return run
-
-
-def _seed_outputs(workdir, seed):
-  d = os.path.join(workdir, f'seed_{seed}')
-  with open(os.path.join(d, 'result.json')) as f:
-    result = json.load(f)
-  with open(os.path.join(d, 'metrics.jsonl')) as f:
-    history = [json.loads(l) for l in f]
-  with open(os.path.join(d, 'predictions_test.csv')) as f:
-    preds = f.read()
-  return result, history, preds
 
 
 @pytest.fixture(scope='module')
@@ -82,10 +68,10 @@ def test_seeds_together_equal_sequential_runs(together_and_sequential):
   (w_t, table_t), (w_s, table_s) = together_and_sequential['together'], \
       together_and_sequential['sequential']
   # one compilation of each step for the group (the sequential runs share theirs)
-  assert _seed_outputs(w_t, SEEDS[0])[0]['compiles'] == {'train': 1, 'eval': 1}
-  assert sum(_seed_outputs(w_s, s)[0]['compiles']['train'] for s in SEEDS) <= 1
+  assert seed_outputs(w_t, SEEDS[0])[0]['compiles'] == {'train': 1, 'eval': 1}
+  assert sum(seed_outputs(w_s, s)[0]['compiles']['train'] for s in SEEDS) <= 1
   for seed in SEEDS:
-    (r_t, h_t, p_t), (r_s, h_s, p_s) = _seed_outputs(w_t, seed), _seed_outputs(w_s, seed)
+    (r_t, h_t, p_t), (r_s, h_s, p_s) = seed_outputs(w_t, seed), seed_outputs(w_s, seed)
     # the seed axis spread over device groups against one seed at a time on all 8 devices
     assert r_t['program'] == {'members': 4, 'mesh': {'seed': 4, 'data': 2}}
     assert r_s['program'] == {'members': 1, 'mesh': {'seed': 1, 'data': 8}}
@@ -105,8 +91,8 @@ def test_seeds_together_equal_sequential_runs(together_and_sequential):
                       for p in (p_t, p_s))
     np.testing.assert_allclose(pred_t, pred_s, atol=HISTORY_RTOL * np.max(np.abs(pred_s)))
   # the seeds really differ from each other (own shuffling, own initialisation)
-  assert _seed_outputs(w_t, SEEDS[0])[1][0]['train/total'] != \
-      _seed_outputs(w_t, SEEDS[1])[1][0]['train/total']
+  assert seed_outputs(w_t, SEEDS[0])[1][0]['train/total'] != \
+      seed_outputs(w_t, SEEDS[1])[1][0]['train/total']
   for name in ('MAE', 'Corr'):
     np.testing.assert_allclose(table_t['mean_std'][name]['mean'],
                                table_s['mean_std'][name]['mean'], rtol=HISTORY_RTOL)

