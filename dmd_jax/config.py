@@ -43,6 +43,15 @@ HOMO_PRIOR = _prior([0, 0, 1, 0, 1, 0])    # favours L->V and L->A
 HETERO_PRIOR = _prior([0, 0, 1, 0, 1, 1])  # favours L->V, L->A and V->A
 
 
+def _strict_from_dict(cls, d: Mapping[str, Any], where: str):
+  """`cls(**d)`, with unknown keys an error naming `where` and the known ones."""
+  names = {f.name for f in dataclasses.fields(cls)}
+  unknown = sorted(set(d) - names)
+  if unknown:
+    raise ValueError(f'{where} has unknown key(s) {unknown}; known: {sorted(names)}')
+  return cls(**d)
+
+
 @dataclasses.dataclass(frozen=True)
 class BertConfig:
   """The subset of a Hugging Face `BertConfig` that the encoder needs."""
@@ -134,12 +143,7 @@ class DictionaryConfig:
 
   @classmethod
   def from_dict(cls, d: Mapping[str, Any]) -> 'DictionaryConfig':
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(d) - names)
-    if unknown:
-      raise ValueError(f'config.model.dictionary has unknown key(s) {unknown}; known: '
-                       f'{sorted(names)}')
-    return cls(**d)
+    return _strict_from_dict(cls, d, 'config.model.dictionary')
 
   @property
   def annealed(self) -> bool:
@@ -178,12 +182,7 @@ class AttentionConfig:
 
   @classmethod
   def from_dict(cls, d: Mapping[str, Any]) -> 'AttentionConfig':
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(d) - names)
-    if unknown:
-      raise ValueError(f'config.model.attention has unknown key(s) {unknown}; known: '
-                       f'{sorted(names)}')
-    return cls(**d)
+    return _strict_from_dict(cls, d, 'config.model.attention')
 
 
 @dataclasses.dataclass(frozen=True)
