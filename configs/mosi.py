@@ -89,6 +89,8 @@ def base_config(dataset: str, alignment: str) -> ml_collections.ConfigDict:
   c.log_every = 20               # train steps between device->host metric fetches
   c.keep_checkpoints = 2         # latest full-state checkpoints kept per seed (plus the best)
   c.progress = True              # progress bar with ETA
+  c.figures = True               # per seed: edge heatmaps and history plots (PNG, SVG); false
+                                 # skips matplotlib (the numbers are written either way)
   c.distributed = False          # jax.distributed.initialize() (multi-host)
   c.coordinator_address = ''     # host:port; empty = detect (Cloud TPU, SLURM)
   c.num_processes = 1

@@ -1,5 +1,5 @@
 """The benchmark command's measurements on a tiny network (the real table is bert-base-sized and
-runs for minutes; see README, Performance)."""
+runs for minutes; see docs/performance.md)."""
 
 import json
 import math
@@ -7,19 +7,24 @@ import math
 import jax
 import pytest
 
-import dmd_jax
+from configs import smoke
 from dmd_jax.dev import benchmark
+from dmd_jax.training import run_config
 
-TINY = dict(bert=dmd_jax.BertConfig.tiny(), d=8, num_heads=2, nlevels=1)
+# configs/smoke.py's network (tiny random BERT, d=8): with one sample per device on all 8 devices,
+# the benchmark's train and eval programs are the ones smoke training compiles (shared through
+# the tests' compilation cache)
+_SMOKE = run_config.model(smoke.get_config())[0]
+TINY = dict(bert=_SMOKE.bert, d=_SMOKE.d, num_heads=_SMOKE.num_heads, nlevels=_SMOKE.nlevels)
 
 
 def test_run_setting_measures_a_case():
-  n = 2
+  n = jax.device_count()
   (rec,) = benchmark.run_setting('mosi_aligned', [n], repeats=2, eval_batches=1,
-                                 count_flops=True, devices=jax.devices()[:1], **TINY)
+                                 count_flops=True, **TINY)
   json.dumps(rec)                                         # one JSON line per case
   assert rec['setting'] == 'mosi_aligned' and rec['seq_lens'] == (50, 50, 50)
-  assert rec['batch_size'] == n and rec['devices'] == 1 and rec['dtype'] == 'float32'
+  assert rec['batch_size'] == n and rec['devices'] == n and rec['dtype'] == 'float32'
   assert rec['platform'] == 'cpu' and rec['jax'] == jax.__version__
   for key in ('compile_s', 'first_step_s', 'micro_step_s', 'update_step_s', 'eval_step_s',
               'eval_compile_s', 'peak_host_rss_gib', 'step_tflop'):

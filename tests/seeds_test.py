@@ -17,7 +17,7 @@ import pytest
 import dmd_jax
 from configs import smoke
 from helpers import seed_outputs, synthetic_data_dir
-from dmd_jax.training import checkpoints, experiment, optim, run_config
+from dmd_jax.training import checkpoints, experiment, loop, run_config
 from dmd_jax.training.steps import Steps, make_mesh, member, stack
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -32,6 +32,7 @@ def data_dir(tmp_path_factory):
 def _run(data_dir, **overrides):
   run = smoke.get_config()
   run.data_dir, run.progress, run.seeds, run.max_epochs = data_dir, False, SEEDS, 2
+  run.figures = False            # (tests/train_test.py checks the figures)
   for k, v in overrides.items():
     if '.' in k:
       head, tail = k.split('.')
@@ -129,34 +130,43 @@ def test_final_weights_equal_sequential(together_and_sequential):
     assert compared > 300
 
 
-def test_a_member_in_a_group_steps_as_alone_and_a_finished_one_stays_frozen(data_dir):
+def test_a_member_in_a_group_steps_as_alone_and_a_finished_one_stays_frozen(
+    data_dir, together_and_sequential):
+  """Four members (the first finished) against member 1 alone, through one accumulation window
+  (a micro-step, then the Adam update). The programs are the ones the runs above compiled (the
+  group's (seed 4, data 2) mesh and the single seed's (1, 8) mesh), reused from this process."""
   run = _run(data_dir)
   cfg, init = run_config.model(run)
-  tx = optim.reference_optimizer(run.learning_rate, 1, run.grad_clip)   # an update every step
-  batches = [{k: np.asarray(v) for k, v in dmd_jax.random_batch(cfg, 8, seed=s).items()}
-             for s in (0, 1)]
-  mesh = make_mesh(jax.devices()[:1])
-  two, one = Steps(cfg, mesh), Steps(cfg, mesh)
-  state = two.put_members(stack([dmd_jax.create_train_state(init(s), tx) for s in (0, 1)]))
+  tx = loop._optimizer(run.learning_rate, run.update_epochs, run.grad_clip)  # pylint: disable=protected-access
+  group = loop._steps(Steps, cfg, make_mesh(jax.devices(), len(SEEDS)))  # pylint: disable=protected-access
+  one = loop._steps(Steps, cfg, make_mesh(jax.devices(), 1))  # pylint: disable=protected-access
+  traced = dict(group.traces), dict(one.traces)
+  batches = [[{k: np.asarray(v) for k, v in dmd_jax.random_batch(cfg, 8, seed=10 * s + t).items()}
+              for s in range(len(SEEDS))] for t in range(run.update_epochs)]
+  state = group.put_members(stack([dmd_jax.create_train_state(init(s), tx)
+                                   for s in range(len(SEEDS))]))
+  alone = one.put_members(stack([dmd_jax.create_train_state(init(1), tx)]))
+  active = group.put_members(np.array([False] + [True] * (len(SEEDS) - 1)))
   before = jax.device_get(state)
-  state, metrics = two.train(state, two.put(stack(batches)),
-                             two.keys(np.arange(2, dtype=np.uint32)),
-                             two.put_members(np.array([False, True])))
+  keys = group.keys(np.arange(len(SEEDS), dtype=np.uint32))
+  for t, per_member in enumerate(batches):
+    state, metrics = group.train(state, group.put(stack(per_member)), keys, active)
+    # member 1 takes the step it takes alone (its own key, batch and initialisation)
+    alone, alone_metrics = one.train(alone, one.put(stack(per_member[1:2])),
+                                     one.keys(np.array([1], np.uint32)),
+                                     one.put_members(np.array([True])))
+    for k, v in alone_metrics.items():          # losses to float32 rounding; edge statistics
+      got, want = np.asarray(metrics[k])[1], np.asarray(v)[0]   # to the rounding of their scale
+      np.testing.assert_allclose(got, want, rtol=STEP_RTOL if want.ndim == 0 else 0,
+                                 atol=0 if want.ndim == 0 else 1e-5 * np.max(np.abs(want)),
+                                 err_msg=f'step {t + 1}: {k}')
+  assert (dict(group.traces), dict(one.traces)) == traced     # no new compilation
   after = jax.device_get(state)
   for a, b in zip(jax.tree.leaves(member(before, 0)), jax.tree.leaves(member(after, 0))):
     np.testing.assert_array_equal(a, b)                # frozen: bit for bit
-  # member 1 took the step it takes alone (its own key, batch and initialisation)
-  alone, alone_metrics = one.train(
-      one.put_members(stack([dmd_jax.create_train_state(init(1), tx)])),
-      one.put(stack(batches[1:])), one.keys(np.array([1], np.uint32)),
-      one.put_members(np.array([True])))
-  for k, v in alone_metrics.items():           # losses to float32 rounding; edge statistics
-    got, want = np.asarray(metrics[k])[1], np.asarray(v)[0]   # to the rounding of their scale
-    np.testing.assert_allclose(got, want, rtol=STEP_RTOL if want.ndim == 0 else 0,
-                               atol=0 if want.ndim == 0 else 1e-5 * np.max(np.abs(want)),
-                               err_msg=k)
-  mu_group, mu_alone = (jax.device_get(member(s.opt_state.inner.inner_state[0].mu, i))
-                        for s, i in ((after, 1), (alone, 0)))
+  mu_group, mu_alone = (member(s.opt_state.inner.inner_state[0].mu, i)
+                        for s, i in ((after, 1), (jax.device_get(alone), 0)))
+  assert any(np.any(m) for m in jax.tree.leaves(mu_alone))   # the window closed: Adam moved
   for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(mu_group),
                           jax.tree.leaves(mu_alone)):
     np.testing.assert_allclose(a, b, atol=1e-5 * np.max(np.abs(b)),

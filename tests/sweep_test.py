@@ -24,6 +24,7 @@ def _sweep_run(data_dir):
   run.data_dir, run.progress, run.seeds, run.max_epochs, run.early_stop = \
       data_dir, False, (1111,), 3, 1
   run.sweep.learning_rate = SWEEP_LRS
+  run.figures = False
   return run
 
 
@@ -53,6 +54,10 @@ def test_sweep_members_stop_on_their_own_and_get_their_folders(sweep):
   assert sweep_md[0].startswith('| member | seeds |') and len(sweep_md) == 6
   assert json.loads((workdir / 'sweep.json').read_text()).keys() == table['sweep'].keys()
   assert (workdir / 'learning_rate=0' / 'results.md').exists()
+  # figures off: the edge numbers without the plots
+  seed_dir = workdir / 'learning_rate=0' / 'seed_1111'
+  assert (seed_dir / 'edges_test_summary.json').exists() and (seed_dir / 'edges_history.csv').exists()
+  assert not list(seed_dir.glob('*.png')) and not list(seed_dir.glob('*.svg'))
 
 
 def test_interrupted_group_resumes_exactly_and_finished_members_are_not_retrained(

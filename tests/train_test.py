@@ -282,7 +282,7 @@ def test_exported_edges_are_normalised_and_match_the_model(data_dir, clean_run):
   loader = Loader(open_split(dataset_path(data_dir, 'mosi', True), 'test'), 8, train=False,
                   device_count=8)
   batch = next(iter(loader))
-  out = dmd_jax.forward(params, batch, cfg)
+  out = jax.jit(lambda p, b: dmd_jax.forward(p, b, cfg))(params, batch)
   direct = jax.device_get({u: out[f'edges_{u}'] for u in edges.UNITS})
   rows = [int(np.where(f['index'] == i)[0][0]) for i in batch['index']]
   for u in edges.UNITS:

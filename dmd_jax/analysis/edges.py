@@ -106,8 +106,9 @@ def _csv(rows) -> str:
 
 
 def write_export(directory: str, per_sample: Mapping[str, np.ndarray], ids: Sequence[str],
-                 cfg: DMDConfig, split: str) -> dict[str, str]:
-  """edges_<split>.npz (per sample), edges_<split>_summary.{json,csv}, heatmaps (PNG, SVG)."""
+                 cfg: DMDConfig, split: str, figures: bool = True) -> dict[str, str]:
+  """edges_<split>.npz (per sample), edges_<split>_summary.{json,csv}, heatmaps (PNG, SVG)
+  unless figures=False."""
   base = os.path.join(directory, f'edges_{split}')
   dmd_io.savez(base + '.npz', homo=per_sample['homo'], hetero=per_sample['hetero'],
                index=per_sample['index'], label=per_sample['label'], pred=per_sample['pred'],
@@ -127,7 +128,8 @@ def write_export(directory: str, per_sample: Mapping[str, np.ndarray], ids: Sequ
     rows += [[u, 'all', 'mean+prior', s] + [f'{v:.6f}' for v in summary[u]['weighted_mean'][i]]
              for i, s in enumerate(LABELS)]
   dmd_io.atomic_write(base + '_summary.csv', _csv(rows))
-  figs = plot_heatmaps(summary, base + '_heatmap', title=f'{split}: mean edge weight')
+  figs = (plot_heatmaps(summary, base + '_heatmap', title=f'{split}: mean edge weight')
+          if figures else [])
   result = {'npz': base + '.npz', 'summary': base + '_summary.json', 'figures': figs,
             'stats': summary}
   if 'dict_homo' in per_sample:    # DHMD: the dictionary activations beside the edges

@@ -10,6 +10,7 @@ order (`edges_homo`, `edges_hetero`).
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Optional
 
 import flax.linen as nn
@@ -196,10 +197,19 @@ def init_params(config: DMDConfig, rng: jax.Array, *, jit: bool = True) -> PyTre
   key = init_key(rng)
   if not jit:
     return DMD(config).lazy_init(key, b['text'], b['audio'], b['vision'])['params']
-  init = jax.jit(lambda r: DMD(config).init(r, b['text'], b['audio'], b['vision'])['params'])
   if isinstance(key, jax.core.Tracer):   # traced (eval_shape, an outer jit): no compile here
-    return init(key)
-  return init.lower(key).compile(compiler_options())(key)
+    return DMD(config).init(key, b['text'], b['audio'], b['vision'])['params']
+  return _compiled_init(config, jax.typeof(key))(key)
+
+
+@functools.lru_cache(maxsize=8)
+def _compiled_init(config: DMDConfig, key_type) -> Any:
+  """The initialiser of `config` compiled once per process: every further seed (the members of
+  a group, sequential seeds, sweeps) reuses it instead of tracing and compiling it again."""
+  b = dummy_batch(config, 1)
+  init = jax.jit(lambda r: DMD(config).init(r, b['text'], b['audio'], b['vision'])['params'])
+  return init.trace(jax.ShapeDtypeStruct(key_type.shape, key_type.dtype)).lower().compile(
+      compiler_options())
 
 
 def forward(params: PyTree, batch, config: DMDConfig, *, rng: Optional[jax.Array] = None,

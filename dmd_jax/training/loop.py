@@ -34,7 +34,7 @@ from dmd_jax.data.pipeline import Loader
 from dmd_jax.training import checkpoints, optim
 from dmd_jax.training.outputs import SeedOutputs, epoch_edge_stats
 from dmd_jax.training.state import create_train_state
-from dmd_jax.training.steps import Steps, evaluate, make_mesh, member, seed_axis_size, stack
+from dmd_jax.training.steps import Steps, evaluate, make_mesh, seed_axis_size, stack
 
 
 @dataclasses.dataclass
@@ -115,7 +115,8 @@ def train_group(run, cfg: DMDConfig, init_params: Callable[[int], Any], members:
   states, runs = [], []
   for m, loader in zip(members, data.train):
     out = SeedOutputs(m.workdir, m.seed, epochs=run.max_epochs,
-                      steps_per_epoch=loader.num_batches, progress=progress and k == 1, log=log)
+                      steps_per_epoch=loader.num_batches, progress=progress and k == 1,
+                      figures=run.get('figures', True), log=log)
     lr = m.hparams.get('learning_rate', run.learning_rate)
     weights = {n: v for n, v in m.hparams.items() if n != 'learning_rate'}
     state = create_train_state(init_params(m.seed), tx, weights)
@@ -176,7 +177,7 @@ def train_group(run, cfg: DMDConfig, init_params: Callable[[int], Any], members:
                        if np.ndim(v) == 0}
       if improved[i]:
         r.meta['best_valid'], r.meta['best_epoch'] = v_metrics['Loss'], epoch
-        checkpoints.save_state(r.best, epoch, member(state.params, i),
+        checkpoints.save_state(r.best, epoch, steps.host_member(state.params, i),
                                {'epoch': epoch, 'valid': v_metrics, 'seed': r.member.seed})
       record = {'epoch': epoch, 'lr': float(lrs[i]), 'train': train_metrics, 'valid': v_metrics,
                 'test': t_metrics,
@@ -186,7 +187,7 @@ def train_group(run, cfg: DMDConfig, init_params: Callable[[int], Any], members:
       r.meta['history'].append(record)
       r.meta.update(epoch=epoch, plateau=dataclasses.asdict(r.plateau),
                     loader=data.train[i].get_state())
-      checkpoints.save_state(r.latest, epoch, member(state, i), r.meta)
+      checkpoints.save_state(r.latest, epoch, steps.host_member(state, i), r.meta)
       r.out.epoch(record, r.meta['history'], improved[i])
       if epoch >= run.max_epochs or epoch - r.meta['best_epoch'] >= run.early_stop:
         r.active = False                       # frozen from the next step on

@@ -1,7 +1,8 @@
 """Everything one seed's training writes besides checkpoints, in one place: the per-epoch metrics
 (JSON lines and TensorBoard), the edge history table, the progress bar and log line, and at the
-end the predictions, the edge export of the best parameters, the history curves and
-result.json. Only process 0 writes; every file is written atomically (dmd_jax.io)."""
+end the predictions, the edge export of the best parameters, the history curves (unless
+`figures` is off) and result.json. Only process 0 writes; every file is written atomically
+(dmd_jax.io)."""
 
 from __future__ import annotations
 
@@ -64,8 +65,9 @@ class SeedOutputs:
   """The files and messages of one seed's run in `workdir`."""
 
   def __init__(self, workdir: str, seed: int, *, epochs: int, steps_per_epoch: int,
-               progress: bool = False, log: Callable[[str], None] = print):
-    self.workdir, self.seed = workdir, seed
+               progress: bool = False, figures: bool = True,
+               log: Callable[[str], None] = print):
+    self.workdir, self.seed, self.figures = workdir, seed, figures
     if on_main_process():
       os.makedirs(workdir, exist_ok=True)
     self.result_path = os.path.join(workdir, RESULT)
@@ -113,8 +115,8 @@ class SeedOutputs:
       self.writer.close()
     write_predictions(os.path.join(self.workdir, 'predictions_test.csv'), preds, ids)
     if on_main_process():
-      edges.write_export(self.workdir, preds, ids, cfg, 'test')
-      for split in ('train', 'valid'):
+      edges.write_export(self.workdir, preds, ids, cfg, 'test', figures=self.figures)
+      for split in ('train', 'valid') if self.figures else ():
         edges.plot_history(history, os.path.join(self.workdir, f'edges_history_{split}'), split)
     write_json(self.result_path, dict(result))
 
