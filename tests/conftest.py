@@ -15,8 +15,12 @@ os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 import tempfile  # noqa: E402
 os.environ.setdefault('JAX_COMPILATION_CACHE_DIR', tempfile.mkdtemp(prefix='dmd-jax-cache-'))
 
+import fcntl  # noqa: E402
 import json  # noqa: E402
 import pathlib  # noqa: E402
+import shutil  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
@@ -64,6 +68,21 @@ def _fixture(name):
   return Fixture(root / name)
 
 
+# The longest files first. xdist gives whole files to the two workers in collection order
+# (--dist loadfile --no-loadscope-reorder, setup.cfg): the training fixtures start at once and
+# the short files fill in at the end. The order also shares compilations through the cache
+# above: predict_test.py's training compiles the single-seed smoke program while seeds_test.py
+# compiles the four-seed one, and the sequential seeds, train_test.py's command and the
+# benchmark test then load it.
+LONGEST_FIRST = ('seeds_test.py', 'predict_test.py', 'train_test.py', 'model_test.py',
+                 'parity_test.py')
+
+
+def pytest_collection_modifyitems(config, items):  # pylint: disable=unused-argument
+  rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+  items.sort(key=lambda item: rank.get(item.path.name, len(rank)))   # stable: the rest in order
+
+
 @pytest.fixture(scope='session', params=FIXTURES)
 def parity(request):
   """Each parity fixture in turn."""
@@ -74,3 +93,44 @@ def parity(request):
 def parity_first():
   """The first parity fixture alone (for checks of a code path rather than of numbers)."""
   return _fixture(FIXTURES[0])
+
+
+class SmokeRun:
+  """A finished `python -m dmd_jax.main --config=configs/smoke.py` run (3 epochs, 8 devices) on
+  configs/smoke.py's synthetic MOSI (aligned): `workdir` (with `bundle/`), `data_dir`, `pkl`."""
+
+  def __init__(self, root: pathlib.Path):
+    self.root = root
+    self.workdir, self.data_dir, self.pkl = root / 'run', root / 'data', root / 'data' / 'mosi.pkl'
+
+
+@pytest.fixture(scope='session')
+def smoke_run(tmp_path_factory) -> SmokeRun:
+  """One smoke training run for the whole session, shared by the test processes: the first to ask
+  trains (under a file lock in the session's common temporary folder), the others wait and read
+  it. Tests add files beside it (eval outputs, edge exports) but change nothing it wrote."""
+  base = tmp_path_factory.getbasetemp()
+  if os.environ.get('PYTEST_XDIST_WORKER'):
+    base = base.parent                             # shared by the xdist workers
+  out = SmokeRun(base / 'smoke_run')
+  with open(base / 'smoke_run.lock', 'w') as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    if not (out.root / 'DONE').exists():
+      import data_prep            # noqa: E402  pylint: disable=import-outside-toplevel
+      from configs import smoke   # noqa: E402  pylint: disable=import-outside-toplevel
+      shutil.rmtree(out.root, ignore_errors=True)  # a failed attempt of another process
+      out.data_dir.mkdir(parents=True)
+      syn = smoke.get_config().synthetic
+      data_prep.write_pickle(data_prep.generate('mosi', True, tuple(syn.sizes), seed=syn.seed,
+                                                text_features=False), out.pkl)
+      data_prep.prepare(out.pkl, 'mosi', True, out.data_dir, check_sha256=False)
+      env = dict(os.environ, JAX_PLATFORMS='cpu',
+                 XLA_FLAGS='--xla_force_host_platform_device_count=8')
+      res = subprocess.run(
+          [sys.executable, '-m', 'dmd_jax.main', '--config=configs/smoke.py',
+           f'--workdir={out.workdir}', f'--config.data_dir={out.data_dir}',
+           '--config.progress=false'], cwd=REPO, env=env, capture_output=True, text=True,
+          timeout=900, check=False)
+      assert res.returncode == 0, res.stderr[-3000:]
+      (out.root / 'DONE').write_text('')
+  return out

@@ -47,15 +47,15 @@ def test_dictionary_outputs(pool, activation):
   cfg = DictionaryConfig(num_atoms=16, pool=pool, activation=activation, stop_gradient=True)
   seqs = [jax.random.normal(jax.random.key(i), (4, t, 8)) for i, t in enumerate((5, 7, 9))]
   module = dictionary.Dictionary(cfg, 8)
-  params = module.init(jax.random.key(3), seqs)
-  act, emb = module.apply(params, seqs)
+  params = jax.jit(module.init)(jax.random.key(3), seqs)
+  act, emb = jax.jit(module.apply)(params, seqs)
   assert act.shape == (4, 3, 16) and emb.shape == (4, 3, 8)
   np.testing.assert_allclose(np.sum(act, -1), 1.0, atol=1e-5)
   np.testing.assert_allclose(np.linalg.norm(emb, axis=-1), 1.0, atol=1e-5)
   # stop_gradient: nothing flows back into the inputs, but the atoms do learn
-  g_in = jax.grad(lambda s: jnp.sum(module.apply(params, s)[1] ** 3))(seqs)
+  g_in = jax.jit(jax.grad(lambda s: jnp.sum(module.apply(params, s)[1] ** 3)))(seqs)
   assert all(not np.any(g) for g in g_in)
-  g_p = jax.grad(lambda p: jnp.sum(module.apply(p, seqs)[1] ** 3))(params)
+  g_p = jax.jit(jax.grad(lambda p: jnp.sum(module.apply(p, seqs)[1] ** 3)))(params)
   assert np.any(np.asarray(g_p['params']['atoms']))
   with pytest.raises(ValueError, match="modality 'v' has width 6"):
     module.apply(params, [seqs[0], seqs[1][..., :6], seqs[2]])

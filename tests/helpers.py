@@ -42,6 +42,15 @@ def synthetic_data_dir(tmp_path_factory) -> str:
   return str(d)
 
 
+def cpu_env(devices: int = 8) -> dict:
+  """The environment for a subprocess on `devices` simulated CPU devices with this session's other
+  XLA flags (tests/conftest.py): its compilations then share the session's compilation cache."""
+  flags = [f for f in os.environ.get('XLA_FLAGS', '').split()
+           if not f.startswith('--xla_force_host_platform_device_count')]
+  return dict(os.environ, JAX_PLATFORMS='cpu',
+              XLA_FLAGS=' '.join([f'--xla_force_host_platform_device_count={devices}'] + flags))
+
+
 def seed_outputs(workdir, seed):
   """(result.json, metrics.jsonl rows, predictions_test.csv text) of one seed of a run."""
   d = os.path.join(workdir, f'seed_{seed}')

@@ -25,24 +25,20 @@ SEED = 1111
 
 
 @pytest.fixture(scope='module')
-def trained(tmp_path_factory):
-  """A one-epoch smoke run on synthetic MOSI (aligned), its bundle and its eval predictions."""
-  d = tmp_path_factory.mktemp('data')
+def trained(smoke_run):
+  """The session's smoke run (tests/conftest.py): the bundle its command wrote, and its best
+  parameters' predictions on the test split through --mode=eval's code path."""
   syn = smoke.get_config().synthetic
   data = data_prep.generate('mosi', True, tuple(syn.sizes), seed=syn.seed, text_features=False)
-  pkl = data_prep.write_pickle(data, d / 'mosi.pkl')
-  data_prep.prepare(pkl, 'mosi', True, d, check_sha256=False)
   run = smoke.get_config()
-  run.data_dir, run.progress, run.seeds, run.max_epochs = str(d), False, (SEED,), 1
-  workdir = str(tmp_path_factory.mktemp('run'))
-  experiment.run_training(run, workdir, progress=False, log=lambda *_: None)
+  run.data_dir, run.progress, run.seeds = str(smoke_run.data_dir), False, (SEED,)
+  workdir = str(smoke_run.workdir)
   _, steps, params, loader, loaders, _ = experiment._split_from_checkpoint(  # pylint: disable=protected-access
       run, workdir, 'test', SEED, '')
   ((_, preds),) = evaluate(steps, params, loader)
   ids = loaders.ids('test', preds['index'])
-  bundle = write_bundle(workdir, str(tmp_path_factory.mktemp('b') / 'bundle'))
-  return {'workdir': workdir, 'pkl': str(pkl), 'data': data, 'bundle': bundle,
-          'eval': dict(zip(ids, preds['pred']))}
+  return {'workdir': workdir, 'pkl': str(smoke_run.pkl), 'data': data,
+          'bundle': str(smoke_run.workdir / 'bundle'), 'eval': dict(zip(ids, preds['pred']))}
 
 
 @pytest.fixture(scope='module')
@@ -77,23 +73,20 @@ def test_texts_tokenize_to_the_ids_of_data_prep(trained):
 
 
 def test_a_copied_bundle_works_without_its_run(trained, tmp_path, predictor):
-  copy = tmp_path / 'elsewhere'
-  shutil.copytree(trained['bundle'], copy)
-  moved = tmp_path / 'run_moved'
-  shutil.move(trained['workdir'], moved)       # the run (and its config) are gone
-  try:
-    p = Predictor.from_bundle(str(copy), batch_size=8)
-    test = trained['data']['test']
-    a = p.predict(list(test['raw_text'][:5]), list(test['audio'][:5]), list(test['vision'][:5]))
-    b = predictor.predict(list(test['raw_text'][:5]), list(test['audio'][:5]),
-                          list(test['vision'][:5]))
-    np.testing.assert_array_equal(a['score'], b['score'])
-    card = (copy / 'README.md').read_text()
-    assert f'| {SEED} (this bundle)' in card and 'COVAREP' in card
-    meta = json.loads((copy / 'bundle.json').read_text())
-    assert meta['contract']['audio'] == {**meta['contract']['audio'], 'dim': 5, 'max_len': 50}
-  finally:
-    shutil.move(moved, trained['workdir'])
+  run = shutil.copytree(trained['workdir'], tmp_path / 'run', ignore=shutil.ignore_patterns(
+      'bundle', 'edges', 'eval_*'))
+  copy = write_bundle(str(run), str(tmp_path / 'elsewhere'))
+  shutil.rmtree(run)                             # the run (and its config) are gone
+  p = Predictor.from_bundle(copy, batch_size=8)
+  test = trained['data']['test']
+  a = p.predict(list(test['raw_text'][:5]), list(test['audio'][:5]), list(test['vision'][:5]))
+  b = predictor.predict(list(test['raw_text'][:5]), list(test['audio'][:5]),
+                        list(test['vision'][:5]))
+  np.testing.assert_array_equal(a['score'], b['score'])
+  card = (tmp_path / 'elsewhere' / 'README.md').read_text()
+  assert f'| {SEED} (this bundle)' in card and 'COVAREP' in card
+  meta = json.loads((tmp_path / 'elsewhere' / 'bundle.json').read_text())
+  assert meta['contract']['audio'] == {**meta['contract']['audio'], 'dim': 5, 'max_len': 50}
 
 
 def _jsonl(tmp_path, rows):

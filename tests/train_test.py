@@ -14,9 +14,9 @@ import jax
 import numpy as np
 import pytest
 
-import data_prep
 from configs import smoke
 import dmd_jax
+from helpers import cpu_env
 from dmd_jax.analysis import edges
 from dmd_jax.training import checkpoints, experiment, loop, optim, run_config
 from dmd_jax.training.checkpoints import save_params
@@ -28,17 +28,11 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope='module')
-def data_dir(tmp_path_factory):
-  d = tmp_path_factory.mktemp('data')
-  run = smoke.get_config()
-  syn = run.synthetic
-  pkl = data_prep.write_pickle(data_prep.generate('mosi', True, tuple(syn.sizes), seed=syn.seed,
-                                                  text_features=False), d / 'mosi.pkl')
-  data_prep.prepare(pkl, 'mosi', True, d, check_sha256=False)
-  return str(d)
+def data_dir(smoke_run):
+  return str(smoke_run.data_dir)
 
 
-def smoke_run(data_dir, **overrides):
+def smoke_config(data_dir, **overrides):
   run = smoke.get_config()
   run.data_dir = data_dir
   run.progress = False
@@ -52,15 +46,9 @@ def main_cmd(data_dir, workdir, *extra):
           f'--config.data_dir={data_dir}', '--config.progress=false', *extra]
 
 
-def env(devices):
-  e = dict(os.environ, JAX_PLATFORMS='cpu',
-           XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}')
-  return e
-
-
 @pytest.mark.slow
 def test_8_devices_match_1_device(data_dir):
-  run = smoke_run(data_dir)
+  run = smoke_config(data_dir)
   cfg, init = run_config.model(run)
   loader = Loader(open_split(dataset_path(data_dir, 'mosi', True), 'train'), 8, train=True,
                   seed=1, device_count=8)
@@ -105,13 +93,10 @@ def test_8_devices_match_1_device(data_dir):
 
 
 @pytest.fixture(scope='module')
-def clean_run(data_dir, tmp_path_factory):
-  """One uninterrupted `python -m dmd_jax.main` run of configs/smoke.py (3 epochs, 8 devices)."""
-  workdir = tmp_path_factory.mktemp('clean')
-  ref = subprocess.run(main_cmd(data_dir, workdir), cwd=REPO, env=env(8), capture_output=True,
-                       text=True, timeout=900, check=False)
-  assert ref.returncode == 0, ref.stderr[-3000:]
-  return workdir
+def clean_run(smoke_run):
+  """One uninterrupted `python -m dmd_jax.main` run of configs/smoke.py (3 epochs, 8 devices),
+  shared with tests/predict_test.py (tests/conftest.py)."""
+  return smoke_run.workdir
 
 
 def history(workdir):
@@ -140,13 +125,14 @@ def test_main_writes_results_and_compiles_each_step_once(clean_run):
   csv_rows = (clean_run / 'results.csv').read_text().splitlines()
   assert csv_rows[0].startswith('dataset,aligned,commit,seed,best_epoch,Has0_acc_2')
   assert len(csv_rows) == 4                       # header, one seed, mean, std
+  assert (clean_run / 'bundle' / 'bundle.json').is_file()  # the best seed's (tests/predict_test.py)
 
 
-@pytest.mark.slow   # resume after SIGKILL is in CI through tests/seeds_test.py (seeds together)
+@pytest.mark.slow   # the CI tier resumes an interrupted group in process (tests/seeds_test.py)
 def test_sigkill_mid_epoch_then_rerun_finishes_like_an_uninterrupted_run(data_dir, clean_run,
                                                                           tmp_path):
   killed = tmp_path / 'killed'
-  proc = subprocess.Popen(main_cmd(data_dir, killed), cwd=REPO, env=env(8),
+  proc = subprocess.Popen(main_cmd(data_dir, killed), cwd=REPO, env=cpu_env(8),
                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
   log = killed / 'seed_1111' / 'metrics.jsonl'
   deadline = time.time() + 600
@@ -158,8 +144,8 @@ def test_sigkill_mid_epoch_then_rerun_finishes_like_an_uninterrupted_run(data_di
   proc.send_signal(signal.SIGKILL)
   proc.wait()
   assert not (killed / 'seed_1111' / 'result.json').exists()
-  again = subprocess.run(main_cmd(data_dir, killed), cwd=REPO, env=env(8), capture_output=True,
-                         text=True, timeout=900, check=False)
+  again = subprocess.run(main_cmd(data_dir, killed), cwd=REPO, env=cpu_env(8),
+                         capture_output=True, text=True, timeout=900, check=False)
   assert again.returncode == 0, again.stderr[-3000:]
   assert 'resumed after epoch' in again.stdout
   want = json.loads((clean_run / 'seed_1111' / 'result.json').read_text())
@@ -185,7 +171,7 @@ def test_two_processes_match_one(data_dir, clean_run, tmp_path):
       main_cmd(data_dir, tmp_path / 'two', '--config.max_epochs=1', '--config.distributed=true',
                f'--config.coordinator_address=localhost:{port}', '--config.num_processes=2',
                f'--config.process_id={i}'),
-      cwd=REPO, env=dict(env(2), JAX_CPU_COLLECTIVES_IMPLEMENTATION='gloo'),
+      cwd=REPO, env=dict(cpu_env(2), JAX_CPU_COLLECTIVES_IMPLEMENTATION='gloo'),
       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
   outs = [p.communicate(timeout=900) for p in procs]
   for p, (_, err) in zip(procs, outs):
@@ -198,7 +184,7 @@ def test_two_processes_match_one(data_dir, clean_run, tmp_path):
 
 
 def test_eval_mode_writes_metrics_and_predictions(data_dir, clean_run, tmp_path):
-  run = smoke_run(data_dir, mode='eval', eval_split='valid')
+  run = smoke_config(data_dir, mode='eval', eval_split='valid')
   metrics = experiment.run_eval(run, str(clean_run), log=lambda *_: None)
   saved = json.loads((clean_run / 'eval_valid_metrics.json').read_text())
   assert saved['Loss'] == metrics['Loss'] and saved['split'] == 'valid'
@@ -217,21 +203,21 @@ def test_eval_mode_writes_metrics_and_predictions(data_dir, clean_run, tmp_path)
 
 
 def test_failures_are_named(data_dir, tmp_path):
-  run = smoke_run(str(tmp_path / 'empty'))
+  run = smoke_config(str(tmp_path / 'empty'))
   run.synthetic = None
   with pytest.raises(FileNotFoundError, match='python -m data_prep.mmsa --dataset=mosi '
                      '--aligned=true'):
     experiment.data_path(run)
   with pytest.raises(ValueError, match=r'config.batch_size=0: must be >= 1'):
-    run_config.validate_run(smoke_run(data_dir, batch_size=0))
+    run_config.validate_run(smoke_config(data_dir, batch_size=0))
   with pytest.raises(ValueError, match=r"config.mode='fit'"):
-    run_config.validate_run(smoke_run(data_dir, mode='fit'))
+    run_config.validate_run(smoke_config(data_dir, mode='fit'))
   bad = subprocess.run(main_cmd(data_dir, tmp_path / 'w', '--config.text_encoder=/no/such/bert'),
-                       cwd=REPO, env=env(1), capture_output=True, text=True, timeout=300,
+                       cwd=REPO, env=cpu_env(1), capture_output=True, text=True, timeout=300,
                        check=False)
   assert bad.returncode != 0 and '/no/such/bert' in bad.stderr
   unknown = subprocess.run(main_cmd(data_dir, tmp_path / 'w', '--config.learning_rat=1'),
-                           cwd=REPO, env=env(1), capture_output=True, text=True, timeout=300,
+                           cwd=REPO, env=cpu_env(1), capture_output=True, text=True, timeout=300,
                            check=False)
   assert unknown.returncode != 0 and 'learning_rat' in unknown.stderr
 
@@ -242,7 +228,7 @@ def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(data_dir, clean
   shutil.copytree(clean_run / 'seed_1111', work)
   os.remove(work / 'result.json')                    # as if interrupted after epoch 3
   before = sorted(os.listdir(work / 'checkpoints'))
-  run = smoke_run(data_dir, max_epochs=4)
+  run = smoke_config(data_dir, max_epochs=4)
   cfg, init = run_config.model(run)
 
   class Poisoned(Steps):
@@ -275,7 +261,7 @@ def test_exported_edges_are_normalised_and_match_the_model(data_dir, clean_run):
     assert np.all(m >= 0) and np.all(m[:, np.arange(3), np.arange(3)] == 0)
     np.testing.assert_allclose(m.sum((1, 2)), 1.0, atol=1e-5)
   # the model itself, on the same samples, from the best parameters
-  run = smoke_run(data_dir)
+  run = smoke_config(data_dir)
   cfg, init = run_config.model(run)
   with checkpoints.checkpoint_manager(str(seed_dir / 'best'), 1) as mngr:
     params, _ = checkpoints.restore_state(mngr, mngr.latest_step(), init(0))
@@ -339,7 +325,7 @@ def test_train_edge_moments_from_batch_moments():
 
 def test_export_command(data_dir, clean_run):
   out = subprocess.run([sys.executable, '-m', 'dmd_jax.export_edges', f'--workdir={clean_run}',
-                        '--split=valid', f'--data_dir={data_dir}'], cwd=REPO, env=env(8),
+                        '--split=valid', f'--data_dir={data_dir}'], cwd=REPO, env=cpu_env(8),
                        capture_output=True, text=True, timeout=600, check=False)
   assert out.returncode == 0, out.stderr[-3000:]
   assert 'homo: L->V' in out.stdout

@@ -24,7 +24,7 @@ from dmd_jax.analysis import edges
 from dmd_jax.analysis.metrics import METRIC_NAMES
 from dmd_jax.data.pipeline import Loader, open_split
 from dmd_jax.training import checkpoints
-from dmd_jax.training.loop import Data, Member, train_group
+from dmd_jax.training.loop import Data, Member, cached_steps, train_group
 from dmd_jax.training.outputs import write_json, write_predictions, write_text
 from dmd_jax.training.run_config import model, setup_compile_cache, validate_run
 from dmd_jax.training.steps import Steps, evaluate, make_mesh, stack
@@ -215,7 +215,7 @@ def _split_from_checkpoint(run, workdir: str, split: str, seed: int, checkpoint:
   if not os.path.isdir(ckpt):
     raise FileNotFoundError(f'checkpoint not found: {ckpt} (set --config.checkpoint=DIR, or '
                             'train first)')
-  steps = Steps(cfg, make_mesh())
+  steps = cached_steps(Steps, cfg, make_mesh())   # a training run's own, in its process
   params = steps.put_members(stack([checkpoints.restore_any(ckpt, jax.eval_shape(init, 0))]))
   data = loaders(run, path, [seed])
   loader = data.train[0] if split == 'train' else getattr(data, split)

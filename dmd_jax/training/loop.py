@@ -107,11 +107,11 @@ def train_group(run, cfg: DMDConfig, init_params: Callable[[int], Any], members:
     raise ValueError(f'{k} members but {len(data.train)} training loaders')
   devices = np.asarray(devices if devices is not None else jax.devices())
   mesh = make_mesh(devices, seed_axis_size(k, devices.size, jax.process_count()))
-  steps = _steps(Steps, cfg, mesh)
+  steps = cached_steps(Steps, cfg, mesh)
   compiled_before = _compiled(steps)
   # one optimizer for the group (a static part of the stacked state); each member's learning
   # rate lives in its optimizer state
-  tx = _optimizer(run.learning_rate, run.update_epochs, run.grad_clip)
+  tx = cached_optimizer(run.learning_rate, run.update_epochs, run.grad_clip)
   states, runs = [], []
   for m, loader in zip(members, data.train):
     out = SeedOutputs(m.workdir, m.seed, epochs=run.max_epochs,
@@ -198,14 +198,15 @@ def train_group(run, cfg: DMDConfig, init_params: Callable[[int], Any], members:
 
 
 @functools.lru_cache(maxsize=4)
-def _steps(cls, cfg: DMDConfig, mesh) -> Steps:
+def cached_steps(cls, cfg: DMDConfig, mesh) -> Steps:
   """One `Steps` per (model config, mesh) in a process: groups run one after another (the
-  sequential seed mode, several programs of a sweep) reuse the traced and compiled steps."""
+  sequential seed mode, several programs of a sweep) and evaluations of a trained run (eval mode,
+  edge export) reuse the traced and compiled steps."""
   return cls(cfg, mesh)
 
 
 @functools.lru_cache(maxsize=4)
-def _optimizer(learning_rate: float, update_epochs: int, grad_clip: float):
+def cached_optimizer(learning_rate: float, update_epochs: int, grad_clip: float):
   """The same optimizer object for groups of one process: it is a static part of the train state,
   so a new one would trace and compile the train step again."""
   return optim.reference_optimizer(learning_rate, update_epochs, grad_clip)
