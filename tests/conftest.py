@@ -124,8 +124,7 @@ def smoke_run(tmp_path_factory) -> SmokeRun:
       data_prep.write_pickle(data_prep.generate('mosi', True, tuple(syn.sizes), seed=syn.seed,
                                                 text_features=False), out.pkl)
       data_prep.prepare(out.pkl, 'mosi', True, out.data_dir, check_sha256=False)
-      env = dict(os.environ, JAX_PLATFORMS='cpu',
-                 XLA_FLAGS='--xla_force_host_platform_device_count=8')
+      env = dict(os.environ, JAX_PLATFORMS='cpu')   # this session's XLA flags: its cache
       res = subprocess.run(
           [sys.executable, '-m', 'dmd_jax.main', '--config=configs/smoke.py',
            f'--workdir={out.workdir}', f'--config.data_dir={out.data_dir}',

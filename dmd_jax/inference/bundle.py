@@ -178,7 +178,7 @@ def write_bundle(workdir: str, out: str, seed: Optional[int] = None, *,
   bert = run_config.bert_config_of(run)
   cfg = from_run_config(run, bert)
   shapes = jax.eval_shape(lambda: init_params(cfg, jax.random.key(0)))
-  params = jax.device_get(checkpoints.restore_any(ckpt, shapes))
+  params = jax.device_get(checkpoints.restore_any(ckpt, shapes, process_local=True))
   tok = text.tokenizer(vocab or run_vocab(run))
   results = _results(workdir, run.seeds)
   meta = {

@@ -11,6 +11,7 @@ import os
 from typing import Any, Mapping, Optional
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 from dmd_jax.config import BertConfig, from_run_config
@@ -80,12 +81,14 @@ def save_params(directory: str, params: PyTree, meta: Mapping[str, Any], step: i
   return final
 
 
-def restore_params(directory: str, step: Optional[int] = None) -> tuple[PyTree, dict]:
-  """Reads (params, meta) written by `save_params` (latest step unless given)."""
+def restore_params(directory: str, step: Optional[int] = None, **options) -> tuple[PyTree, dict]:
+  """Reads (params, meta) written by `save_params` (latest step unless given); `options` go to
+  orbax's CheckpointManagerOptions."""
   directory = os.path.abspath(directory)
   if not os.path.isdir(directory):
     raise FileNotFoundError(f'checkpoint directory not found: {directory}')
-  with ocp.CheckpointManager(directory) as mngr:
+  with ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(
+      create=False, read_only=True, **options)) as mngr:
     step = mngr.latest_step() if step is None else step
     if step is None:
       raise FileNotFoundError(f'no checkpoint in {directory}')
@@ -142,17 +145,26 @@ def restore_meta(mngr: ocp.CheckpointManager, step: int) -> dict:
   return dict(got[META_ITEM])
 
 
-def restore_any(ckpt: str, like: PyTree) -> PyTree:
+def restore_any(ckpt: str, like: PyTree, *, process_local: bool = False) -> PyTree:
   """Params from a training `best/` dir (state item) or from `save_params` (params item);
-  `like` gives the tree structure and shapes of the former."""
-  with ocp.CheckpointManager(os.path.abspath(ckpt)) as mngr:
+  `like` gives the tree structure and shapes of the former. All processes read together, unless
+  `process_local`: this process alone, as numpy arrays, with no barrier that waits for the others
+  (process 0 writing a bundle after a multi-host run)."""
+  options = {}
+  if process_local:
+    me = jax.process_index()
+    options['multiprocessing_options'] = ocp.options.MultiprocessingOptions(
+        primary_host=me, active_processes={me})
+    like = jax.tree.map(lambda x: np.zeros(x.shape, x.dtype), like)
+  path = os.path.abspath(ckpt)
+  read = ocp.CheckpointManagerOptions(create=False, read_only=True, **options)
+  with ocp.CheckpointManager(path, options=read) as mngr:
     step = mngr.latest_step()
     if step is None:
       raise FileNotFoundError(f'no checkpoint in {ckpt}')
-    items = set(os.listdir(os.path.join(os.path.abspath(ckpt), str(step))))
-  if STATE_ITEM in items:
-    with checkpoint_manager(ckpt, 1) as mngr:
+    items = set(os.listdir(os.path.join(path, str(step))))
+    if STATE_ITEM in items:
       params, _ = restore_state(mngr, step, like)
-    return params
-  params, _ = restore_params(ckpt, step)
+      return params
+  params, _ = restore_params(ckpt, step, **options)
   return params
