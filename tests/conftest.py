@@ -71,9 +71,9 @@ def _fixture(name):
 # The longest files first. xdist gives whole files to the two workers in collection order
 # (--dist loadfile --no-loadscope-reorder, setup.cfg): the training fixtures start at once and
 # the short files fill in at the end. The order also shares compilations through the cache
-# above: predict_test.py's training compiles the single-seed smoke program while seeds_test.py
-# compiles the four-seed one, and the sequential seeds, train_test.py's command and the
-# benchmark test then load it.
+# above: the shared smoke run (`smoke_run`, asked for first by predict_test.py) compiles the
+# single-seed smoke program while seeds_test.py compiles the four-seed one; the sequential seeds,
+# train_test.py and the benchmark test then load it.
 LONGEST_FIRST = ('seeds_test.py', 'predict_test.py', 'train_test.py', 'model_test.py',
                  'parity_test.py')
 
