@@ -26,6 +26,7 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 from dmd_jax.dev.parity import FIXTURES, fixture_config  # noqa: E402
+from helpers import prepare_smoke_data  # noqa: E402
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -116,14 +117,9 @@ def smoke_run(tmp_path_factory) -> SmokeRun:
   with open(base / 'smoke_run.lock', 'w') as lock:
     fcntl.flock(lock, fcntl.LOCK_EX)
     if not (out.root / 'DONE').exists():
-      import data_prep            # noqa: E402  pylint: disable=import-outside-toplevel
-      from configs import smoke   # noqa: E402  pylint: disable=import-outside-toplevel
       shutil.rmtree(out.root, ignore_errors=True)  # a failed attempt of another process
       out.data_dir.mkdir(parents=True)
-      syn = smoke.get_config().synthetic
-      data_prep.write_pickle(data_prep.generate('mosi', True, tuple(syn.sizes), seed=syn.seed,
-                                                text_features=False), out.pkl)
-      data_prep.prepare(out.pkl, 'mosi', True, out.data_dir, check_sha256=False)
+      prepare_smoke_data(out.data_dir)
       env = dict(os.environ, JAX_PLATFORMS='cpu')   # this session's XLA flags: its cache
       res = subprocess.run(
           [sys.executable, '-m', 'dmd_jax.main', '--config=configs/smoke.py',

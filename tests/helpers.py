@@ -32,13 +32,24 @@ def random_params(cfg, seed: int = 0):
   return jax.tree_util.tree_map_with_path(fill, shapes)
 
 
-def synthetic_data_dir(tmp_path_factory) -> str:
-  """configs/smoke.py's synthetic MOSI (aligned) data, prepared in a fresh folder."""
-  d = tmp_path_factory.mktemp('data')
+def smoke_data() -> dict:
+  """configs/smoke.py's synthetic MOSI (aligned) splits, as data prep's generator makes them (the
+  same every call)."""
   syn = smoke.get_config().synthetic
-  pkl = data_prep.write_pickle(data_prep.generate('mosi', True, tuple(syn.sizes), seed=syn.seed,
-                                                  text_features=False), d / 'mosi.pkl')
+  return data_prep.generate('mosi', True, tuple(syn.sizes), seed=syn.seed, text_features=False)
+
+
+def prepare_smoke_data(d) -> str:
+  """`smoke_data()` as an MMSA pickle and a prepared dataset in folder `d`; the pickle's path."""
+  pkl = data_prep.write_pickle(smoke_data(), os.path.join(d, 'mosi.pkl'))
   data_prep.prepare(pkl, 'mosi', True, d, check_sha256=False)
+  return str(pkl)
+
+
+def synthetic_data_dir(tmp_path_factory) -> str:
+  """`prepare_smoke_data` in a fresh folder."""
+  d = tmp_path_factory.mktemp('data')
+  prepare_smoke_data(d)
   return str(d)
 
 

@@ -11,7 +11,7 @@ import sys
 import numpy as np
 import pytest
 
-import data_prep
+from helpers import smoke_data
 from configs import smoke
 from dmd_jax.inference import inputs
 from dmd_jax.inference.bundle import BundleError, load_bundle, write_bundle
@@ -28,8 +28,7 @@ SEED = 1111
 def trained(smoke_run):
   """The session's smoke run (tests/conftest.py): the bundle its command wrote, and its best
   parameters' predictions on the test split through --mode=eval's code path."""
-  syn = smoke.get_config().synthetic
-  data = data_prep.generate('mosi', True, tuple(syn.sizes), seed=syn.seed, text_features=False)
+  data = smoke_data()
   run = smoke.get_config()
   run.data_dir, run.progress, run.seeds = str(smoke_run.data_dir), False, (SEED,)
   workdir = str(smoke_run.workdir)

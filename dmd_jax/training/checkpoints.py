@@ -81,14 +81,25 @@ def save_params(directory: str, params: PyTree, meta: Mapping[str, Any], step: i
   return final
 
 
-def restore_params(directory: str, step: Optional[int] = None, **options) -> tuple[PyTree, dict]:
-  """Reads (params, meta) written by `save_params` (latest step unless given); `options` go to
-  orbax's CheckpointManagerOptions."""
+def _reader(directory: str, process_local: bool = False) -> ocp.CheckpointManager:
+  """A read-only manager of `directory`: for all processes together, or with `process_local`
+  for this process alone (no barrier that waits for the others)."""
+  options = {}
+  if process_local:
+    me = jax.process_index()
+    options['multiprocessing_options'] = ocp.options.MultiprocessingOptions(
+        primary_host=me, active_processes={me})
+  return ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(
+      create=False, read_only=True, **options))
+
+
+def restore_params(directory: str, step: Optional[int] = None, *,
+                   process_local: bool = False) -> tuple[PyTree, dict]:
+  """Reads (params, meta) written by `save_params` (latest step unless given)."""
   directory = os.path.abspath(directory)
   if not os.path.isdir(directory):
     raise FileNotFoundError(f'checkpoint directory not found: {directory}')
-  with ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(
-      create=False, read_only=True, **options)) as mngr:
+  with _reader(directory, process_local) as mngr:
     step = mngr.latest_step() if step is None else step
     if step is None:
       raise FileNotFoundError(f'no checkpoint in {directory}')
@@ -150,15 +161,10 @@ def restore_any(ckpt: str, like: PyTree, *, process_local: bool = False) -> PyTr
   `like` gives the tree structure and shapes of the former. All processes read together, unless
   `process_local`: this process alone, as numpy arrays, with no barrier that waits for the others
   (process 0 writing a bundle after a multi-host run)."""
-  options = {}
   if process_local:
-    me = jax.process_index()
-    options['multiprocessing_options'] = ocp.options.MultiprocessingOptions(
-        primary_host=me, active_processes={me})
     like = jax.tree.map(lambda x: np.zeros(x.shape, x.dtype), like)
   path = os.path.abspath(ckpt)
-  read = ocp.CheckpointManagerOptions(create=False, read_only=True, **options)
-  with ocp.CheckpointManager(path, options=read) as mngr:
+  with _reader(path, process_local) as mngr:
     step = mngr.latest_step()
     if step is None:
       raise FileNotFoundError(f'no checkpoint in {ckpt}')
@@ -166,5 +172,5 @@ def restore_any(ckpt: str, like: PyTree, *, process_local: bool = False) -> PyTr
     if STATE_ITEM in items:
       params, _ = restore_state(mngr, step, like)
       return params
-  params, _ = restore_params(ckpt, step, **options)
+  params, _ = restore_params(ckpt, step, process_local=process_local)
   return params
