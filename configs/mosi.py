@@ -51,6 +51,9 @@ def base_config(dataset: str, alignment: str) -> ml_collections.ConfigDict:
   m.attn_mask = ref.attn_mask            # offset causal masks in every transformer
   m.dropout_rng = ref.dropout_rng        # 'hash': fast counter-based masks; 'threefry': JAX's
   m.compute_dtype = ref.compute_dtype    # 'bfloat16': bf16 matmuls, float32 params/losses
+  # float32 matmuls on TPU/GPU: 'float32' (true float32, the reference's arithmetic) or
+  # 'default' (the chip's native speed: one bf16 pass on TPU, TF32 on NVIDIA); docs/tpu.md
+  m.matmul_precision = ref.matmul_precision
   # How attention and layer stacks are computed (same values either way; AttentionConfig):
   # impl 'fast' | 'plain', head_loop / native 'auto' | 'on' | 'off', layer_loop 'auto' | 'scan'
   # | 'unroll'.
@@ -68,6 +71,11 @@ def base_config(dataset: str, alignment: str) -> ml_collections.ConfigDict:
   # as if it ran alone. 'sequential': one after another.
   c.seed_mode = 'together'
   c.seeds_per_program = 0        # at most this many members per program (0: all); for memory
+  # Where each member's parameters, Adam moments and accumulators live: 'replicated' (whole on
+  # every device of its seed group), 'fsdp' (large leaves sharded over the group's data devices),
+  # or 'auto' (fsdp where the replicated state would take over a quarter of a device's memory;
+  # replicated on CPU). Same results either way; docs/tpu.md.
+  c.state_layout = 'auto'
   # A grid of hyper-parameters trained along the same member axis: the values of each field
   # (empty = not swept), e.g. --config.sweep.learning_rate='(1e-4, 5e-5)'. Each grid point (times
   # every seed) gets its own folder and results table; sweep.md compares them.

@@ -153,6 +153,8 @@ class DictionaryConfig:
 ATTENTION_IMPLS = ('fast', 'plain')
 AUTO_ON_OFF = ('auto', 'on', 'off')
 LAYER_LOOPS = ('auto', 'scan', 'unroll')
+PLATFORMS = ('auto', 'cpu', 'gpu', 'tpu')   # dmd_jax/model/target.py
+MATMUL_PRECISIONS = ('float32', 'default')  # dmd_jax/model/precision.py
 
 
 @dataclasses.dataclass(frozen=True)
@@ -172,10 +174,16 @@ class AttentionConfig:
   # MulT layer stacks: 'scan' (one lax.scan over stacked layer parameters), 'unroll', or 'auto'
   # (on CPU unrolled where a layer's activations have >= 2^15 elements, else scanned).
   layer_loop: str = 'auto'
+  # The platform the choices above are made for: the devices the program is compiled for.
+  # 'auto' = the tracing process's default backend; training's Steps and `python -m
+  # dmd_jax.aot` set it from their mesh (dmd_jax/model/target.py), so a program traced on a CPU
+  # host for a TPU slice carries TPU choices.
+  platform: str = 'auto'
 
   def __post_init__(self):
     for name, allowed in (('impl', ATTENTION_IMPLS), ('head_loop', AUTO_ON_OFF),
-                          ('native', AUTO_ON_OFF), ('layer_loop', LAYER_LOOPS)):
+                          ('native', AUTO_ON_OFF), ('layer_loop', LAYER_LOOPS),
+                          ('platform', PLATFORMS)):
       if getattr(self, name) not in allowed:
         raise ValueError(f'AttentionConfig.{name}: must be one of {allowed}, got '
                          f'{getattr(self, name)!r}')
@@ -231,6 +239,11 @@ class DMDConfig:
   # 'bfloat16': matmuls and activations in bf16; parameters, optimizer state, LayerNorm, softmax,
   # GD-Units and losses stay float32 (dmd_jax/model/precision.py).
   compute_dtype: str = 'float32'
+  # Precision of float32 matmuls and convolutions on accelerators (dmd_jax/model/precision.py):
+  # 'float32' = true float32 products, the reference's arithmetic (HIGHEST: six bf16 passes on
+  # TPU, no TF32 on NVIDIA GPUs); 'default' = the platform's native speed (one bf16 pass on TPU,
+  # TF32 on recent NVIDIA GPUs). CPUs compute float32 either way.
+  matmul_precision: str = 'float32'
   # DHMD (dmd_jax/model/dictionary.py): a modality-shared dictionary per space; None = DMD.
   dictionary: Optional[DictionaryConfig] = None
   # How attention and the layer stacks are computed (same values either way).
@@ -264,6 +277,9 @@ class DMDConfig:
       fail('dropout_rng', f'must be one of {DROPOUT_RNGS}, got {self.dropout_rng!r}')
     if self.compute_dtype not in COMPUTE_DTYPES:
       fail('compute_dtype', f'must be one of {COMPUTE_DTYPES}, got {self.compute_dtype!r}')
+    if self.matmul_precision not in MATMUL_PRECISIONS:
+      fail('matmul_precision', f'must be one of {MATMUL_PRECISIONS}, got '
+           f'{self.matmul_precision!r}')
     for name in DROPOUT_FIELDS:
       if not 0.0 <= getattr(self, name) < 1.0:
         fail(name, f'dropout rate must be in [0, 1), got {getattr(self, name)}')
@@ -330,7 +346,8 @@ def reference_config(dataset: str = 'mosi', aligned: bool = True,
 
 
 _RUN_MODEL_KEYS = ('d', 'num_heads', 'nlevels', 'kernel_sizes', 'attn_mask',
-                   'dropout_rng', 'compute_dtype', 'dictionary', 'attention') + DROPOUT_FIELDS
+                   'dropout_rng', 'compute_dtype', 'matmul_precision', 'dictionary',
+                   'attention') + DROPOUT_FIELDS
 
 
 def from_run_config(run: Mapping[str, Any], bert: BertConfig) -> DMDConfig:

@@ -102,3 +102,26 @@ def test_segments_group_repeated_layers_and_round_trip():
     seg.unflatten(flat[:4])
   with pytest.raises(ValueError, match=r'segment vector of shape \(19,\), expected \(20,\)'):
     seg.unflatten((flat[0][:19],) + flat[1:])
+
+
+def test_large_segments_are_padded_for_sharding_and_round_trip():
+  """A segment of >= 2^14 parameters is padded with zeros to a multiple of 1024 (so the fsdp
+  layout can shard it over 8, 16, ... devices); the padding never reaches the parameters."""
+  from dmd_jax.training.optim import Segments, padded_size
+  assert (padded_size(16383), padded_size(16384), padded_size(26619508)) == (16383, 16384,
+                                                                             26619904)
+  rs = np.random.default_rng(2)
+  tree = {'emb': jnp.asarray(rs.normal(size=(1001, 17)), jnp.float32),   # 17017 parameters
+          'bias': jnp.asarray(rs.normal(size=(3,)), jnp.float32)}
+  seg = Segments(tree)
+  (flat,) = seg.flatten(tree)
+  assert flat.shape == (17408,) and not np.any(flat[17020:])
+  for a, b in zip(jax.tree.leaves(seg.unflatten((flat,))), jax.tree.leaves(tree)):
+    np.testing.assert_array_equal(a, b)
+  # Adam through the accumulator: the padded tail keeps zero moments and zero updates
+  tx = accumulate_clipped(optax.adam(1e-2), every_k=1, clip=0.6)
+  state = tx.init(tree)
+  new, state = tx.apply(jax.tree.map(jnp.ones_like, tree), state, tree)
+  mu = state.inner[0].mu[0]
+  assert np.all(mu[:17020] != 0) and not np.any(mu[17020:])
+  np.testing.assert_allclose(new['bias'], tree['bias'] - 1e-2, rtol=1e-5)

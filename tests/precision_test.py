@@ -1,5 +1,6 @@
 """bfloat16 compute (DMDConfig.compute_dtype): where it runs bf16, what stays float32, and how far
-it drifts from the float32 reference on the parity fixtures."""
+it drifts from the float32 reference on the parity fixtures; the matmul precision of float32
+products (DMDConfig.matmul_precision) on the CPU and, emulated, as a TPU computes it."""
 
 import collections
 
@@ -10,6 +11,7 @@ import pytest
 import dmd_jax
 from dmd_jax.dev import parity as parity_module
 from dmd_jax.model import precision
+from helpers import random_params
 
 
 def _tiny(**kw):
@@ -80,3 +82,30 @@ def test_bfloat16_drift_from_reference(parity):
   assert d['losses']['total'] < 1e-2
   assert max(d['losses'].values()) < 0.05
   assert d['outputs']['output_logit'] > 1e-6      # it did run in bf16 (float32 is ~1e-6 off)
+
+
+def test_matmul_precision_is_validated_and_changes_nothing_on_cpu():
+  """'float32' (HIGHEST) and 'default' products are the same float32 arithmetic on a CPU: the
+  losses and outputs agree bit for bit, so CPU training and the parity tests are unchanged."""
+  with pytest.raises(ValueError, match="matmul_precision: must be one of .*got 'tf32'"):
+    _tiny(matmul_precision='tf32')
+  params = random_params(_tiny())
+  batch = dmd_jax.random_batch(_tiny(), 2)
+  outs = [jax.jit(lambda p, b, c=cfg: dmd_jax.compute_loss(p, b, c))(params, batch)
+          for cfg in (_tiny(matmul_precision='float32'), _tiny(matmul_precision='default'))]
+  for a, b in zip(jax.tree.leaves(outs[0]), jax.tree.leaves(outs[1])):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_one_bf16_pass_per_product_drift_from_reference(parity):
+  """matmul_precision='default' as a TPU computes it (operands of every product rounded to bf16,
+  8 significant bits, float32 sums; emulated here): the prediction stays within 1% of its
+  scale, the edges within 0.1%, the objective within 0.1%, every output within 5% and every loss
+  term within 2%."""
+  d = parity_module.drift(str(parity.path), 'float32', 'default')
+  assert d['outputs']['output_logit'] < 1e-2
+  assert max(d['outputs'][k] for k in ('edges_homo', 'edges_hetero')) < 1e-3
+  assert max(d['outputs'].values()) < 0.05
+  assert d['losses']['total'] < 1e-3
+  assert max(d['losses'].values()) < 0.02
+  assert d['outputs']['output_logit'] > 1e-4     # it did round (float32 is ~2e-7 off)

@@ -84,9 +84,10 @@ def test_scanned_and_unrolled_layers_agree_in_training():
 def test_layer_loop_modes():
   small = jnp.zeros((4, 50, 8))
   large = jax.ShapeDtypeStruct((16, 496, 50), jnp.float32)
-  assert scan_now('auto', small) and not scan_now('auto', large)     # 'auto' on the CPU backend
-  assert scan_now('scan', small) and scan_now('scan', large)
-  assert not scan_now('unroll', small)
+  assert scan_now('auto', small, 'cpu') and not scan_now('auto', large, 'cpu')
+  assert scan_now('scan', small, 'cpu') and scan_now('scan', large, 'cpu')
+  assert scan_now('auto', large, 'tpu') and scan_now('auto', large, 'gpu')   # scanned off the CPU
+  assert not scan_now('unroll', small, 'tpu')
   with pytest.raises(ValueError, match=r"AttentionConfig.layer_loop: must be one of \('auto', "
                      r"'scan', 'unroll'\), got 'loop'"):
     AttentionConfig(layer_loop='loop')

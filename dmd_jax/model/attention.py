@@ -29,6 +29,7 @@ from dmd_jax.config import AttentionConfig
 from dmd_jax.model import kernels
 from dmd_jax.model import rng as rng_lib
 from dmd_jax.model.layers import Linear
+from dmd_jax.model.target import platform_of
 
 DEFAULT = AttentionConfig()
 
@@ -154,7 +155,7 @@ def _plan(tq: int, tk: int, row_start: int, offset: Optional[int], rate: float,
     masked = offset is not None and row_start + r0 + 1 + offset < kmax  # the block hides some
     blocks.append((r0, r1, kmax, masked))
   if config.head_loop == 'auto':
-    loop = tq * tk >= LOOP_MIN_SCORES and jax.default_backend() == 'cpu'
+    loop = tq * tk >= LOOP_MIN_SCORES and platform_of(config) == 'cpu'
   else:
     loop = config.head_loop == 'on'
   if chunks is None:
@@ -308,11 +309,13 @@ def from_loop_layout(chunks: int, out: jax.Array) -> jax.Array:
 # FFI call is not partitioned, so a batch sharded over several devices would be gathered: 'auto'
 # uses it on a single CPU device only.
 
-def _use_native(plan: _Plan, q, k, v, keys, mode: str) -> bool:
-  """Whether the native kernel runs this call (see AttentionConfig.native)."""
+def _use_native(plan: _Plan, q, k, v, keys, config: AttentionConfig) -> bool:
+  """Whether the native kernel runs this call (see AttentionConfig.native): only in a program
+  compiled for the CPU (`config.platform`), whatever the tracing host is."""
+  mode = config.native
   if mode == 'off':
     return False
-  fits = (jax.default_backend() == 'cpu' and all(x.dtype == jnp.float32 for x in (q, k, v))
+  fits = (platform_of(config) == 'cpu' and all(x.dtype == jnp.float32 for x in (q, k, v))
           and (keys is None or jax.random.key_impl(keys) == jax.random.key_impl(
               jax.random.wrap_key_data(jnp.zeros(2, jnp.uint32), impl=rng_lib.HASH_IMPL))))
   if mode == 'on':
@@ -401,7 +404,7 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal_offset: Option
   plan = _plan(q.shape[1], k.shape[1], row_start, causal_offset, rate, batch=q.shape[0],
                chunks=chunks, config=config)
   keys = sample_keys(rng, q.shape[0], q.shape[2]) if rate > 0 else None
-  if _use_native(plan, q, k, v, keys, config.native):
+  if _use_native(plan, q, k, v, keys, config):
     return _native_core(plan, q, k, v, _block_key_words(plan, keys))
   args = to_loop_layout(plan.chunks, q, k, v, keys)
   return from_loop_layout(plan.chunks, _attention_core(plan, *args))

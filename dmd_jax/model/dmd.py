@@ -20,7 +20,7 @@ import jax.numpy as jnp
 from dmd_jax.schema import MODALITIES
 from dmd_jax.config import DMDConfig
 from dmd_jax.data.batch import dummy_batch
-from dmd_jax.model import precision
+from dmd_jax.model import precision, target
 from dmd_jax.model.bert import BertModel
 from dmd_jax.model.dictionary import Dictionary
 from dmd_jax.model.gd_unit import GDUnit, edges_to_matrix
@@ -175,16 +175,6 @@ def _check_inputs(cfg: DMDConfig, text, audio, vision) -> None:
 PyTree = Any
 
 
-def compiler_options() -> Optional[dict[str, str]]:
-  """XLA options for the train and eval steps (top-level jits only). On CPU the fast-compile
-  preset: ~10% less compile time and no slower steps here (MOSI unaligned, batch 16, 2-core
-  CPU: train step compile 62 -> 57 s, 7.1-7.2 s per step either way); the matmuls run in the
-  same library kernels."""
-  if jax.default_backend() == 'cpu':
-    return {'xla_cpu_opt_preset': 'CPU_OPT_PRESET_FAST_COMPILE'}
-  return None
-
-
 def init_params(config: DMDConfig, rng: jax.Array, *, jit: bool = True) -> PyTree:
   """Random parameters with the reference's initialisers (the text encoder included; load
   pretrained BERT weights over `params['text_model']` with `dmd_jax.load_bert`).
@@ -208,8 +198,10 @@ def _compiled_init(config: DMDConfig, key_type) -> Any:
   a group, sequential seeds, sweeps) reuses it instead of tracing and compiling it again."""
   b = dummy_batch(config, 1)
   init = jax.jit(lambda r: DMD(config).init(r, b['text'], b['audio'], b['vision'])['params'])
+  # compiled for the device it runs on (jit's default device), with that platform's options
+  platform = target.family(jax.devices()[0].platform)
   return init.trace(jax.ShapeDtypeStruct(key_type.shape, key_type.dtype)).lower().compile(
-      compiler_options())
+      target.compiler_options(platform))
 
 
 def forward(params: PyTree, batch, config: DMDConfig, *, rng: Optional[jax.Array] = None,
@@ -222,6 +214,7 @@ def forward(params: PyTree, batch, config: DMDConfig, *, rng: Optional[jax.Array
   dtype = precision.compute_dtype(config)
   if dtype != jnp.float32:   # bf16 compute on a cast copy; gradients still reach f32 params
     params, audio, vision = precision.cast_floating((params, audio, vision), dtype)
-  out = DMD(config).apply({'params': params}, batch['text'], audio, vision, train=train,
-                          step=step, rngs=rngs)
+  with precision.matmul_precision(config):
+    out = DMD(config).apply({'params': params}, batch['text'], audio, vision, train=train,
+                            step=step, rngs=rngs)
   return precision.cast_floating(out, jnp.float32)

@@ -10,6 +10,14 @@ the encoders works in bf16. Kept in float32:
   - the GD-Units (`distill.GDUnit` upcasts its inputs) and every loss (`api.forward` returns
     float32 outputs).
 This is the usual policy on TPUs and recent GPUs; on a CPU without bf16 matrix units it is slower.
+
+Separately, `DMDConfig.matmul_precision` says how float32 matmuls and convolutions are computed:
+JAX's default precision runs them as one bf16 pass on TPU and in TF32 on recent NVIDIA GPUs,
+which is not the reference's float32. 'float32' (the default) traces every product at HIGHEST
+precision (true float32: six bf16 passes on TPU); 'default' leaves the platform's fast native
+precision. CPUs compute float32 either way (the results there are identical). How far the fast
+setting drifts from the reference: `dmd_jax.dev.parity.drift(..., matmul_precision='default')`
+emulates one bf16 pass per product on the CPU (docs/tpu.md).
 """
 
 from __future__ import annotations
@@ -20,6 +28,15 @@ import jax
 import jax.numpy as jnp
 
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+# DMDConfig.matmul_precision -> jax.default_matmul_precision's name (None: JAX's default)
+MATMUL = {'float32': 'float32', 'default': None}
+
+
+def matmul_precision(config):
+  """A context under which the products traced for `config` get its matmul precision. Used
+  around every traced forward and train step (dmd_jax.model.forward,
+  dmd_jax.training.state.train_step), so the backward's products inherit it too."""
+  return jax.default_matmul_precision(MATMUL[config.matmul_precision])
 
 
 def compute_dtype(config) -> jnp.dtype:

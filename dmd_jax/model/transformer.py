@@ -20,6 +20,7 @@ import jax.numpy as jnp
 from dmd_jax.config import AttentionConfig
 from dmd_jax.model.attention import DEFAULT, MultiheadAttention
 from dmd_jax.model.layers import Linear, layer_norm, sinusoidal_positions
+from dmd_jax.model.target import platform_of
 
 
 # How a stack of identical MulT layers runs (AttentionConfig.layer_loop): 'scan' (one `lax.scan`
@@ -34,15 +35,17 @@ from dmd_jax.model.layers import Linear, layer_norm, sinusoidal_positions
 UNROLL_MIN_ELEMENTS = 2 ** 15
 
 
-def scan_now(mode: str, x: jax.Array) -> bool:
-  """Whether a stack of layers applied to activations `x` runs as a scan under `mode`."""
+def scan_now(mode: str, x: jax.Array, platform: str) -> bool:
+  """Whether a stack of layers applied to activations `x` runs as a scan under `mode` in a
+  program compiled for `platform` ('cpu', 'gpu', 'tpu')."""
   if mode == 'unroll':
     return False
-  return mode == 'scan' or jax.default_backend() != 'cpu' or x.size < UNROLL_MIN_ELEMENTS
+  return mode == 'scan' or platform != 'cpu' or x.size < UNROLL_MIN_ELEMENTS
 
 
 def scan_layers(parent: nn.Module, make_layer: Callable[..., nn.Module], names: list[str],
-                x: jax.Array, *args, deterministic: bool, mode: str = 'auto') -> jax.Array:
+                x: jax.Array, *args, deterministic: bool, mode: str,
+                platform: str) -> jax.Array:
   """x -> layer_n(...layer_1(x, *args)...) over the identical layers `names` of `parent`.
 
   Parameters keep their per-layer names (`layers_0`, `layers_1`, ...; checkpoints and the
@@ -68,7 +71,7 @@ def scan_layers(parent: nn.Module, make_layer: Callable[..., nn.Module], names: 
     rngs = {'dropout': key} if train else {}
     return layer.apply({'params': p}, h, *args, deterministic, rngs=rngs), None
 
-  if not scan_now(mode, x):
+  if not scan_now(mode, x, platform):
     for i, name in enumerate(names):
       x = body(x, (params[name], keys[i]))[0]
     return x
@@ -147,13 +150,13 @@ class TransformerEncoder(nn.Module):
     make = lambda **kw: TransformerEncoderLayer(self.embed_dim, self.num_heads, self.attn_dropout,
                                                 self.relu_dropout, self.res_dropout,
                                                 self.attention, **kw)
-    loop = self.attention.layer_loop
+    loop = dict(mode=self.attention.layer_loop, platform=platform_of(self.attention))
     names = [f'layers_{i}' for i in range(self.layers)]
     if self.last_only:    # the final layer computes the last position only
       x = scan_layers(self, make, names[:-1], x, x_k, x_v, offset, deterministic=deterministic,
-                      mode=loop)
+                      **loop)
       x = make(name=names[-1])(x, x_k, x_v, offset, deterministic, last_only=True)
     else:
       x = scan_layers(self, make, names, x, x_k, x_v, offset, deterministic=deterministic,
-                      mode=loop)
+                      **loop)
     return layer_norm('layer_norm')(x)

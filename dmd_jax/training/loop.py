@@ -34,7 +34,8 @@ from dmd_jax.data.pipeline import Loader
 from dmd_jax.training import checkpoints, optim
 from dmd_jax.training.outputs import SeedOutputs, epoch_edge_stats
 from dmd_jax.training.state import create_train_state
-from dmd_jax.training.steps import Steps, evaluate, make_mesh, seed_axis_size, stack
+from dmd_jax.training.steps import (Steps, choose_layout, device_memory, evaluate, group_mesh,
+                                    stack, state_bytes)
 
 
 @dataclasses.dataclass
@@ -105,13 +106,16 @@ def train_group(run, cfg: DMDConfig, init_params: Callable[[int], Any], members:
   k = len(members)
   if len(data.train) != k:
     raise ValueError(f'{k} members but {len(data.train)} training loaders')
-  devices = np.asarray(devices if devices is not None else jax.devices())
-  mesh = make_mesh(devices, seed_axis_size(k, devices.size, jax.process_count()))
-  steps = cached_steps(Steps, cfg, mesh)
-  compiled_before = _compiled(steps)
+  mesh = group_mesh(devices if devices is not None else jax.devices(), k)
   # one optimizer for the group (a static part of the stacked state); each member's learning
   # rate lives in its optimizer state
   tx = cached_optimizer(run.learning_rate, run.update_epochs, run.grad_clip)
+  member_bytes = state_bytes(jax.eval_shape(lambda: create_train_state(init_params(
+      members[0].seed), tx)))
+  layout = choose_layout(run.get('state_layout', 'auto'), mesh, member_bytes, k,
+                         device_memory(mesh.devices.flat[0]))
+  steps = cached_steps(Steps, cfg, mesh, layout)
+  compiled_before = _compiled(steps)
   states, runs = [], []
   for m, loader in zip(members, data.train):
     out = SeedOutputs(m.workdir, m.seed, epochs=run.max_epochs,
@@ -198,11 +202,11 @@ def train_group(run, cfg: DMDConfig, init_params: Callable[[int], Any], members:
 
 
 @functools.lru_cache(maxsize=4)
-def cached_steps(cls, cfg: DMDConfig, mesh) -> Steps:
-  """One `Steps` per (model config, mesh) in a process: groups run one after another (the
-  sequential seed mode, several programs of a sweep) and evaluations of a trained run (eval mode,
-  edge export) reuse the traced and compiled steps."""
-  return cls(cfg, mesh)
+def cached_steps(cls, cfg: DMDConfig, mesh, layout: str = 'replicated') -> Steps:
+  """One `Steps` per (model config, mesh, layout) in a process: groups run one after another
+  (the sequential seed mode, several programs of a sweep) and evaluations of a trained run (eval
+  mode, edge export) reuse the traced and compiled steps."""
+  return cls(cfg, mesh, layout)
 
 
 @functools.lru_cache(maxsize=4)

@@ -17,6 +17,12 @@ vector back into parameter leaves takes one slice per leaf, and XLA compiles a k
 distinct slice; in one vector every offset is distinct (~900 kernels, ~40% of all kernels of the
 MOSI-unaligned train step), while the layers of one stack have identical segments whose slices
 compile once.
+
+A segment of at least ALIGN_MIN elements is padded with zeros to a multiple of ALIGN, so that its
+vectors (the running sum and Adam's moments) can be sharded over any power-of-two data axis up
+to ALIGN devices (the 'fsdp' state layout, dmd_jax/training/steps.py). The padding receives zero
+gradients, keeps zero moments and zero updates, and is dropped by `unflatten`: the arithmetic on
+the parameters is unchanged.
 """
 
 from __future__ import annotations
@@ -34,6 +40,12 @@ PyTree = Any
 
 
 _LAYER = re.compile(r'layers?_\d+')
+ALIGN, ALIGN_MIN = 1024, 2 ** 14
+
+
+def padded_size(n: int) -> int:
+  """The length of a segment vector holding `n` parameters (see the module docstring)."""
+  return n if n < ALIGN_MIN else -(-n // ALIGN) * ALIGN
 
 
 def _path_names(path) -> list[str]:
@@ -62,7 +74,14 @@ class Segments:
 
   def flatten(self, tree: PyTree) -> tuple[jax.Array, ...]:
     leaves = self.treedef.flatten_up_to(tree)
-    return tuple(jnp.concatenate([jnp.ravel(leaves[i]) for i in m]) for m in self.members)
+    out = []
+    for m in self.members:
+      parts = [jnp.ravel(leaves[i]) for i in m]
+      n = sum(p.size for p in parts)
+      if padded_size(n) > n:
+        parts.append(jnp.zeros((padded_size(n) - n,), parts[0].dtype))
+      out.append(jnp.concatenate(parts))
+    return tuple(out)
 
   def unflatten(self, vectors) -> PyTree:
     if len(vectors) != len(self.members):
@@ -70,8 +89,9 @@ class Segments:
     leaves = [None] * len(self.shapes)
     for vec, m in zip(vectors, self.members):
       sizes = [math.prod(self.shapes[i]) for i in m]
-      if vec.shape != (sum(sizes),):
-        raise ValueError(f'segment vector of shape {vec.shape}, expected ({sum(sizes)},)')
+      if vec.shape != (padded_size(sum(sizes)),):
+        raise ValueError(f'segment vector of shape {vec.shape}, expected '
+                         f'({padded_size(sum(sizes))},)')
       start = 0
       for i, n in zip(m, sizes):
         leaves[i] = vec[start:start + n].reshape(self.shapes[i])

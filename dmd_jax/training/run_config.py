@@ -16,6 +16,7 @@ from dmd_jax.config import BertConfig, DMDConfig, from_run_config
 from dmd_jax.model import init_params
 from dmd_jax.model.bert import load_bert, resolve_bert_dir
 from dmd_jax.objective import LOSS_WEIGHTS
+from dmd_jax.training.steps import LAYOUTS
 
 MODES = ('train', 'eval')
 SEED_MODES = ('together', 'sequential')
@@ -83,6 +84,7 @@ def validate_run(run: Mapping[str, Any]) -> None:
        "must be 'train', 'valid' or 'test'")
   need(run['seed_mode'] in SEED_MODES, 'seed_mode', f'must be one of {SEED_MODES}')
   need(run['seeds_per_program'] >= 0, 'seeds_per_program', 'must be >= 0 (0: all together)')
+  need(run.get('state_layout', 'auto') in LAYOUTS, 'state_layout', f'must be one of {LAYOUTS}')
   sweep = run.get('sweep') or {}
   for key, values in sweep.items():
     if key not in SWEEPABLE:

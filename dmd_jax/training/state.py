@@ -16,7 +16,8 @@ import jax.numpy as jnp
 import optax
 
 from dmd_jax.config import DMDConfig
-from dmd_jax.model import compiler_options
+from dmd_jax.model import compiler_options, precision
+from dmd_jax.model.target import platform_of
 from dmd_jax.objective import compute_loss
 from dmd_jax.schema import UNITS
 
@@ -58,8 +59,9 @@ def train_step(state: TrainState, batch: Batch, rng: jax.Array, *, config: DMDCo
   when the window completes. Pure; dropout keys are `fold_in(rng, step)`."""
   key = jax.random.fold_in(rng, state.step)
   grad_fn = jax.value_and_grad(compute_loss, has_aux=True)
-  (_, aux), grads = grad_fn(state.params, batch, config, rng=key, train=train, step=state.step,
-                           weights=state.loss_weights)
+  with precision.matmul_precision(config):     # the backward's products too
+    (_, aux), grads = grad_fn(state.params, batch, config, rng=key, train=train, step=state.step,
+                             weights=state.loss_weights)
   metrics = dict(aux['losses'])
   for space in UNITS:   # batch moments: epoch statistics without another pass over the data
     e = aux['outputs'][f'edges_{space}']                   # (B, 3, 3) per sample
@@ -71,6 +73,8 @@ def train_step(state: TrainState, batch: Batch, rng: jax.Array, *, config: DMDCo
 
 
 def make_train_step(config: DMDConfig, *, train: bool = True, donate: bool = True):
-  """`train_step` jitted once for `config` (the state is donated unless donate=False)."""
+  """`train_step` jitted once for `config` on the default device (the state is donated unless
+  donate=False)."""
   fn = functools.partial(train_step, config=config, train=train)
-  return jax.jit(fn, donate_argnums=(0,) if donate else (), compiler_options=compiler_options())
+  return jax.jit(fn, donate_argnums=(0,) if donate else (),
+                 compiler_options=compiler_options(platform_of(config.attention)))
