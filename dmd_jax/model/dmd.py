@@ -17,7 +17,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from dmd_jax.schema import MODALITIES
+from dmd_jax.schema import MODALITIES, UNITS
 from dmd_jax.config import DMDConfig
 from dmd_jax.data.batch import dummy_batch
 from dmd_jax.model import precision, target
@@ -218,3 +218,16 @@ def forward(params: PyTree, batch, config: DMDConfig, *, rng: Optional[jax.Array
     out = DMD(config).apply({'params': params}, batch['text'], audio, vision, train=train,
                             step=step, rngs=rngs)
   return precision.cast_floating(out, jnp.float32)
+
+
+def predict_step(config: DMDConfig, platform: str):
+  """The jitted forward of a trained model for one device of `platform`: (params, batch) -> score
+  (B,) and both edge matrices (B, 3, 3). `dmd_jax.Predictor` runs it; `python -m dmd_jax.aot`
+  compiles it for a TPU chip."""
+  config = target.for_platform(config, platform)
+
+  def run(params, batch):
+    out = forward(params, batch, config, train=False)
+    return {'score': out['output_logit'].reshape(-1),
+            **{f'edges_{u}': out[f'edges_{u}'] for u in UNITS}}
+  return jax.jit(run, compiler_options=target.compiler_options(platform))

@@ -26,12 +26,12 @@ from typing import Any, Iterable, Mapping, Optional
 
 import jax
 import jax.numpy as jnp
+from jax.experimental import topologies
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from dmd_jax.config import BertConfig, DMDConfig, from_run_config
-from dmd_jax.inference.predictor import predict_step
-from dmd_jax.model import init_params
+from dmd_jax.model import init_params, predict_step
 from dmd_jax.schema import BATCH_KEYS, EVAL_KEYS
 from dmd_jax.training.loop import cached_optimizer
 from dmd_jax.training.run_config import bert_config_of
@@ -67,7 +67,6 @@ _CHIP_CONFIG = {'v4': 'megacore'}
 
 def topology_devices(name: str) -> list:
   """The devices of the TPU slice `name` (e.g. 'v5e:2x4', 'v4:2x2x1') for compiling only."""
-  from jax.experimental import topologies  # pylint: disable=import-outside-toplevel
   kw = {}
   if name.split(':')[0] in _CHIP_CONFIG:
     kw['chip_config_name'] = _CHIP_CONFIG[name.split(':')[0]]

@@ -201,11 +201,15 @@ def train_group(run, cfg: DMDConfig, init_params: Callable[[int], Any], members:
   return [r.result for r in runs]
 
 
-@functools.lru_cache(maxsize=4)
 def cached_steps(cls, cfg: DMDConfig, mesh, layout: str = 'replicated') -> Steps:
   """One `Steps` per (model config, mesh, layout) in a process: groups run one after another
   (the sequential seed mode, several programs of a sweep) and evaluations of a trained run (eval
   mode, edge export) reuse the traced and compiled steps."""
+  return _cached_steps(cls, cfg, mesh, layout)
+
+
+@functools.lru_cache(maxsize=4)
+def _cached_steps(cls, cfg: DMDConfig, mesh, layout: str) -> Steps:
   return cls(cfg, mesh, layout)
 
 
