@@ -33,7 +33,10 @@ _PROGRAMS = flags.DEFINE_list('programs', ['train', 'eval', 'predict'], 'Program
 _LAYOUT = flags.DEFINE_enum('layout', None, ['auto', 'replicated', 'fsdp'],
                             'Member-state layout (default: config.state_layout).')
 _JSON = flags.DEFINE_string('json', None, 'Append one JSON line per program to this file.')
-_FIT = flags.DEFINE_bool('fit', False, 'Also find the largest batch and seed count that fit.')
+_FIT = flags.DEFINE_bool('fit', False, 'Also find the largest global batch (doubling from the '
+                         "config's) and seed count that fit, by compiling the train step.")
+_FIT_MAX_BATCH = flags.DEFINE_integer('fit_max_batch', 1024, 'Largest global batch --fit tries.')
+_FIT_MAX_SEEDS = flags.DEFINE_integer('fit_max_seeds', 16, 'Largest seed count --fit tries.')
 
 
 def main(argv):
@@ -56,7 +59,12 @@ def main(argv):
       for row in rows:
         f.write(json.dumps(row) + '\n')
   if _FIT.value:
-    print(json.dumps(aot.fit(_CONFIG.value, _TOPOLOGY.value)))
+    found = aot.fit(_CONFIG.value, _TOPOLOGY.value, max_batch=_FIT_MAX_BATCH.value,
+                    max_seeds=_FIT_MAX_SEEDS.value, layout=_LAYOUT.value)
+    print(json.dumps(found))
+    if _JSON.value:
+      with open(_JSON.value, 'a') as f:
+        f.write(json.dumps(found) + '\n')
   if not all(r.get('compiled') is True and r['fits'] for r in rows):
     sys.exit(1)
 

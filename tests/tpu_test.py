@@ -35,6 +35,21 @@ def _smoke(**model):
   return run
 
 
+def _eval_args(run, cfg, steps=None):
+  """Abstract (params, batch) of the eval step: one member, the config's batch; placed on the
+  steps' mesh when given."""
+  member = aot.abstract_member_state(run, cfg)
+  at = lambda s: {} if steps is None else {'sharding': s}
+  params = jax.tree.map(lambda x: jax.ShapeDtypeStruct((1,) + x.shape, x.dtype,
+                                                       **at(steps and steps.members)),
+                        member.params)
+  shapes = {k: (v.shape[1:], v.dtype) for k, v in dmd_jax.dummy_batch(cfg, 1).items()}
+  shapes.update(mask=((), np.float32), index=((), np.int32))
+  batch = {k: jax.ShapeDtypeStruct((run.batch_size,) + shape, dtype, **at(steps and steps.shared))
+           for k, (shape, dtype) in shapes.items()}
+  return params, batch
+
+
 def _custom_calls(text: str) -> set[str]:
   return set(re.findall(r'custom_call_target="([^"]+)"', text)) | set(
       re.findall(r'stablehlo.custom_call @([\w.]+)', text))
@@ -70,12 +85,7 @@ def test_tpu_programs_carry_no_cpu_choices_even_where_the_cpu_takes_them(slice_d
   cfg, _ = aot.model_config(run)
   cpu = Steps(cfg, group_mesh(np.asarray(jax.devices()[:1]), 1))
   assert cpu.platform == 'cpu' and cpu.config.attention.platform == 'cpu'
-  member = aot.abstract_member_state(run, cfg)
-  params = jax.tree.map(lambda x: jax.ShapeDtypeStruct((1,) + x.shape, x.dtype), member.params)
-  batch = {k: jax.ShapeDtypeStruct((run.batch_size,) + v.shape[1:], v.dtype)
-           for k, v in dmd_jax.dummy_batch(cfg, run.batch_size).items()}
-  batch.update(mask=jax.ShapeDtypeStruct((run.batch_size,), np.float32),
-               index=jax.ShapeDtypeStruct((run.batch_size,), np.int32))
+  params, batch = _eval_args(run, cfg)
   if native_kernel_builds():
     assert any('dmd' in c for c in _custom_calls(cpu.eval.lower(params, batch).as_text()))
   # 'on' is an error where the program is not for a CPU: the row says why
@@ -85,9 +95,7 @@ def test_tpu_programs_carry_no_cpu_choices_even_where_the_cpu_takes_them(slice_d
   cfg, _ = aot.model_config(run)
   tpu = Steps(cfg, group_mesh(np.asarray(slice_devices), 1))
   assert tpu.platform == 'tpu' and tpu.config.attention.platform == 'tpu'
-  shard = lambda tree, s: jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
-                                                                      sharding=s), tree)
-  text = tpu.eval.lower(shard(params, tpu.members), shard(batch, tpu.shared)).as_text()
+  text = tpu.eval.lower(*_eval_args(run, cfg, tpu)).as_text()
   assert not _custom_calls(text), _custom_calls(text)
   # the CPU head loop (lax.map over heads, batch chunks) is not in the TPU program: its loops are
   # the layer scans alone, which the CPU program (native kernel off) has too
@@ -95,7 +103,6 @@ def test_tpu_programs_carry_no_cpu_choices_even_where_the_cpu_takes_them(slice_d
       cfg.attention, native='off')), cpu.mesh)
   cpu_text = cpu_off.eval.lower(params, batch).as_text()
   loops = lambda t: t.count('stablehlo.while')
-  print('while loops: tpu', loops(text), 'cpu', loops(cpu_text))
   assert 0 < loops(text) < loops(cpu_text)
   assert target.compiler_options('tpu') is None
   assert target.compiler_options('cpu') == {'xla_cpu_opt_preset': 'CPU_OPT_PRESET_FAST_COMPILE'}
@@ -114,8 +121,7 @@ def test_float32_setting_traces_highest_precision_products_for_the_slice(smoke_t
   count, seen = _precisions(smoke_train_row['stablehlo'])
   assert count > 100 and seen == {'HIGHEST'}        # forward and backward of every layer
   run = _smoke(matmul_precision='default')
-  (row,) = aot.compile_programs(run, 'v5e:2x2', programs=('eval',), keep_text=True,
-                                devices=slice_devices)
-  assert row['compiled'] is True and row['matmul_precision'] == 'default'
-  count, seen = _precisions(row['stablehlo'])
+  cfg, _ = aot.model_config(run)
+  steps = Steps(cfg, group_mesh(np.asarray(slice_devices), 1))
+  count, seen = _precisions(steps.eval.lower(*_eval_args(run, cfg, steps)).as_text())
   assert count > 50 and seen == {'DEFAULT'}

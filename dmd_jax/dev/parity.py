@@ -87,7 +87,7 @@ def drift(path: str, compute_dtype: str = 'bfloat16',
   return {'outputs': outputs, 'losses': losses}
 
 
-# ---- one bf16 pass per product, on any backend ----------------------------------------------------
+# ---- one bf16 pass per product, on any backend -------------------------------------------------
 
 _PRODUCTS = ('dot_general', 'conv_general_dilated')
 _INLINE = {'pjit': 'jaxpr', 'jit': 'jaxpr', 'closed_call': 'call_jaxpr',

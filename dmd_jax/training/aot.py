@@ -229,30 +229,32 @@ def compile_programs(run, topology: str, *, programs: Iterable[str] = ('train', 
 
 
 def fit(run, topology: str, *, max_batch: int = 1024, max_seeds: int = 16,
-        log=print) -> dict[str, Any]:
-  """The largest global batch (powers of two from the config's, for its seeds) and the largest
-  seed count (at the config's batch) whose train step compiles within the chip's memory."""
+        layout: Optional[str] = None, log=print) -> dict[str, Any]:
+  """The largest global batch (the config's times a power of two, for its seeds) and the largest
+  seed count (at the config's batch; doubling, then bisection) whose train step compiles within
+  the chip's memory."""
   def fits(**overrides) -> bool:
     r = run.copy_and_resolve_references()
     with r.unlocked():
       for key, value in overrides.items():
         r[key] = value
-    row = compile_programs(r, topology, programs=('train',))[0]
+    row = compile_programs(r, topology, programs=('train',), layout=layout)[0]
     log(format_row(row))
     return row.get('compiled') is True and row['fits']
 
-  def largest(make, start: int, stop: int, double: bool) -> int:
-    best, n = 0, start
-    while n <= stop and fits(**make(n)):
-      best = n
-      n = n * 2 if double else n + 1
-    return best
-
-  batch = largest(lambda n: {'batch_size': n}, run.batch_size, max_batch, True)
-  seeds = largest(lambda n: {'seeds': tuple(1111 + i for i in range(n)), 'seeds_per_program': 0},
-                  1, max_seeds, False)
+  batch, n = 0, run.batch_size            # batches stay multiples of the config's
+  while n <= max_batch and fits(batch_size=n):
+    batch, n = n, 2 * n
+  seeds = lambda n: {'seeds': tuple(1111 + i for i in range(n)), 'seeds_per_program': 0}
+  low, high = 0, 1                         # doubling, then bisection: low fits, high does not
+  while high <= max_seeds and fits(**seeds(high)):
+    low, high = high, 2 * high
+  high = min(high, max_seeds + 1)
+  while high - low > 1:
+    mid = (low + high) // 2
+    low, high = (mid, high) if fits(**seeds(mid)) else (low, mid)
   return {'topology': topology, 'largest_global_batch': batch,
-          'largest_seed_count': seeds, 'batch_for_seeds': run.batch_size,
+          'largest_seed_count': low, 'batch_for_seeds': run.batch_size,
           'seeds_for_batch': len(run.seeds)}
 
 

@@ -74,7 +74,8 @@ FSDP_MIN_ELEMENTS = 2 ** 14
 def member_spec(shape: Sequence[int], layout: str, data: int) -> P:
   """The PartitionSpec of a state leaf of `shape` (leading member axis) under `layout`, on a
   mesh whose 'data' axis has `data` devices."""
-  if layout == 'fsdp' and data > 1 and len(shape) > 1 and math.prod(shape[1:]) >= FSDP_MIN_ELEMENTS:
+  large = len(shape) > 1 and math.prod(shape[1:]) >= FSDP_MIN_ELEMENTS
+  if layout == 'fsdp' and data > 1 and large:
     fits = [i for i in range(1, len(shape)) if shape[i] % data == 0]
     if fits:
       dim = max(fits, key=lambda i: (shape[i], -i))
