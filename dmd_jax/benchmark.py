@@ -4,6 +4,7 @@ r"""Training and inference speed, compile time and memory of DMD at the referenc
     python -m dmd_jax.benchmark --settings=mosi_aligned --batch_sizes=16
     python -m dmd_jax.benchmark --dtype=bfloat16 --jsonl=bench.jsonl --markdown=bench.md
     python -m dmd_jax.benchmark --drift_dir=../shared/parity --dtype=bfloat16   # precision drift
+    python -m dmd_jax.benchmark --drift_dir=../shared/parity --matmul_precision=default   # TPU's
     python -m dmd_jax.benchmark --settings=mosi_aligned --batch_sizes=16 --seeds=1,2,5
 
 Every case is one setting (dataset x alignment, the released hyper-parameters and sequence
@@ -61,6 +62,9 @@ _MARKDOWN = flags.DEFINE_string('markdown', None, 'Also write the Markdown table
 _DRIFT_DIR = flags.DEFINE_string('drift_dir', None, 'Instead of timing: report how far --dtype '
                                   'drifts from the float32 reference on the parity fixtures in '
                                   'this folder (shared/parity).')
+_MATMUL = flags.DEFINE_enum('matmul_precision', 'float32', ['float32', 'default'],
+                            'With --drift_dir: the precision of float32 products (default: one '
+                            'bf16 pass per product as on TPU, emulated).')
 _CHILD = flags.DEFINE_string('child', None, 'Internal: run one setting in this process.')
 _HUGEPAGES = flags.DEFINE_boolean(
     'hugepages', True, 'On Linux, run each setting with GLIBC_TUNABLES=glibc.malloc.hugetlb=1 '
@@ -102,7 +106,7 @@ def main(argv):
     _child(_CHILD.value)
     return
   if _DRIFT_DIR.value:
-    table = bench.drift_table(_DRIFT_DIR.value, _DTYPE.value)
+    table = bench.drift_table(_DRIFT_DIR.value, _DTYPE.value, _MATMUL.value)
     print(table)
     if _MARKDOWN.value:
       io.atomic_write(_MARKDOWN.value, table + '\n')

@@ -293,17 +293,19 @@ def _table(cols, records) -> str:
   return '\n'.join(lines)
 
 
-def drift_table(root: str, dtype: str) -> str:
-  """Markdown: per parity fixture, the largest relative deviations of `dtype` outputs and losses
+def drift_table(root: str, dtype: str, matmul_precision: str = 'float32') -> str:
+  """Markdown: per parity fixture, the largest relative deviations of the outputs and losses
+  under `dtype` and `matmul_precision` ('default' emulates a TPU's one bf16 pass per product)
   from the reference's float32 results (dmd_jax.dev.parity.drift)."""
-  lines = ['| fixture | dtype | prediction (output_logit) | edges homo / hetero | worst output | '
-           'total loss | worst loss term |', '|---|---|---|---|---|---|---|']
+  lines = ['| fixture | dtype | matmul precision | prediction (output_logit) | edges homo / hetero '
+           '| worst output | total loss | worst loss term |', '|---|---|---|---|---|---|---|---|']
   for name in parity.FIXTURES:
-    d = parity.drift(os.path.join(root, name), dtype)
+    d = parity.drift(os.path.join(root, name), dtype, matmul_precision)
     out, loss = d['outputs'], d['losses']
     worst_o = max(out, key=out.get)
     worst_l = max(loss, key=loss.get)
-    lines.append(f"| {name} | {dtype} | {out['output_logit']:.2e} | {out['edges_homo']:.2e} / "
+    lines.append(f"| {name} | {dtype} | {matmul_precision} | {out['output_logit']:.2e} | "
+                 f"{out['edges_homo']:.2e} / "
                  f"{out['edges_hetero']:.2e} | {out[worst_o]:.2e} ({worst_o}) | "
                  f"{loss['total']:.2e} | {loss[worst_l]:.2e} ({worst_l}) |")
   return '\n'.join(lines)
