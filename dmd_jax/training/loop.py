@@ -110,12 +110,6 @@ def train_group(run, cfg: DMDConfig, init_params: Callable[[int], Any], members:
   # one optimizer for the group (a static part of the stacked state); each member's learning
   # rate lives in its optimizer state
   tx = cached_optimizer(run.learning_rate, run.update_epochs, run.grad_clip)
-  member_bytes = state_bytes(jax.eval_shape(lambda: create_train_state(init_params(
-      members[0].seed), tx)))
-  layout = choose_layout(run.get('state_layout', 'auto'), mesh, member_bytes, k,
-                         device_memory(mesh.devices.flat[0]))
-  steps = cached_steps(Steps, cfg, mesh, layout)
-  compiled_before = _compiled(steps)
   states, runs = [], []
   for m, loader in zip(members, data.train):
     out = SeedOutputs(m.workdir, m.seed, epochs=run.max_epochs,
@@ -137,6 +131,10 @@ def train_group(run, cfg: DMDConfig, init_params: Callable[[int], Any], members:
     runs.append(r)
   if not any(r.active for r in runs):
     return [r.result for r in runs]
+  layout = choose_layout(run.get('state_layout', 'auto'), mesh, state_bytes(states[0]), k,
+                         device_memory(mesh.devices.flat[0]))
+  steps = cached_steps(Steps, cfg, mesh, layout)
+  compiled_before = _compiled(steps)
   states = _resume(runs, states, data)
   state = steps.put_members(stack(states))
   best = steps.put_members(stack([s.params for s in states]))
