@@ -45,19 +45,24 @@ def main(argv):
   if _CONFIG.value is None or not _TOPOLOGY.value:
     raise app.UsageError('--config and --topology are required, e.g. --topology=v5e:2x4 '
                          '--config=configs/mosi.py')
+
+  rows = []
+
+  def show(row):                  # each program as soon as it is compiled (minutes each)
+    if not rows:
+      print(row['note'])
+      print(aot.table_header())
+    rows.append(row)
+    print(aot.format_row(row), flush=True)
+    if _JSON.value:
+      with open(_JSON.value, 'a') as f:
+        f.write(json.dumps(row) + '\n')
+
   try:
-    rows = aot.compile_programs(_CONFIG.value, _TOPOLOGY.value, programs=_PROGRAMS.value,
-                                layout=_LAYOUT.value)
+    aot.compile_programs(_CONFIG.value, _TOPOLOGY.value, programs=_PROGRAMS.value,
+                         layout=_LAYOUT.value, on_row=show)
   except (RuntimeError, ValueError) as e:
     sys.exit(f'error: {e}')
-  print(rows[0]['note'])
-  print(aot.table_header())
-  for row in rows:
-    print(aot.format_row(row))
-  if _JSON.value:
-    with open(_JSON.value, 'a') as f:
-      for row in rows:
-        f.write(json.dumps(row) + '\n')
   if _FIT.value:
     found = aot.fit(_CONFIG.value, _TOPOLOGY.value, max_batch=_FIT_MAX_BATCH.value,
                     max_seeds=_FIT_MAX_SEEDS.value, layout=_LAYOUT.value)

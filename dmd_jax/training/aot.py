@@ -22,7 +22,7 @@ import dataclasses
 import importlib.util
 import os
 import time
-from typing import Any, Iterable, Mapping, Optional
+from typing import Any, Callable, Iterable, Mapping, Optional
 
 import jax
 import jax.numpy as jnp
@@ -172,9 +172,11 @@ def _compile(lowerable, args, row: dict, chip: Chip, precision: str,
 def compile_programs(run, topology: str, *, programs: Iterable[str] = ('train', 'eval',
                                                                         'predict'),
                      layout: Optional[str] = None, predict_batch: int = 32,
-                     keep_text: bool = False, devices=None) -> list[dict[str, Any]]:
+                     keep_text: bool = False, devices=None,
+                     on_row: Optional[Callable[[dict], None]] = None) -> list[dict[str, Any]]:
   """Compile `programs` of the run config `run` for the TPU slice `topology` (or for `devices`,
-  e.g. CPU devices in tests); one row per program (see the module docstring)."""
+  e.g. CPU devices in tests); one row per program (see the module docstring), each also passed
+  to `on_row` as soon as it is compiled."""
   devices = topology_devices(topology) if devices is None else list(devices)
   chip = chip_of(devices[0]) if devices[0].platform == 'tpu' else Chip(
       devices[0].platform, 0, 1.0, 1.0)
@@ -225,6 +227,8 @@ def compile_programs(run, topology: str, *, programs: Iterable[str] = ('train', 
                            precision, keep_text))
     else:
       raise ValueError(f"unknown program {program!r}; choose from 'train', 'eval', 'predict'")
+    if on_row:
+      on_row(rows[-1])
   return rows
 
 
