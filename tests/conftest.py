@@ -75,8 +75,8 @@ def _fixture(name):
 # above: the shared smoke run (`smoke_run`, asked for first by predict_test.py) compiles the
 # single-seed smoke program while seeds_test.py compiles the four-seed one; the sequential seeds,
 # train_test.py and the benchmark test then load it.
-LONGEST_FIRST = ('seeds_test.py', 'predict_test.py', 'train_test.py', 'model_test.py',
-                 'parity_test.py')
+LONGEST_FIRST = ('seeds_test.py', 'predict_test.py', 'train_test.py', 'tpu_test.py',
+                 'model_test.py', 'parity_test.py')
 
 
 def pytest_collection_modifyitems(config, items):  # pylint: disable=unused-argument
