@@ -199,8 +199,17 @@ class Steps:
   def sharding(self, tree: PyTree) -> PyTree:
     """The NamedSharding of every leaf of a stacked member tree (arrays or ShapeDtypeStructs)."""
     data = self.mesh.shape['data']
-    return jax.tree.map(lambda x: NamedSharding(self.mesh, member_spec(x.shape, self.layout,
-                                                                       data)), tree)
+
+    def spec(x):
+      # mesh axes of size 1 written as None (trailing ones dropped): the form XLA hands outputs
+      # back in, so the state's sharding is equal before and after a step and the train step
+      # compiles once, not a second time for its own output
+      axes = [a if a is not None and self.mesh.shape[a] > 1 else None
+              for a in member_spec(x.shape, self.layout, data)]
+      while axes and axes[-1] is None:
+        axes.pop()
+      return NamedSharding(self.mesh, P(*axes))
+    return jax.tree.map(spec, tree)
 
   def constrain(self, tree: PyTree) -> PyTree:
     """`tree` (inside a jitted function) pinned to the layout's shardings."""
