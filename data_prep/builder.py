@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import struct
 from typing import Iterator
 
 import numpy as np
@@ -115,14 +116,50 @@ class Mmsa(tfds.core.GeneratorBasedBuilder):
     self._source.release(split)
 
 
+class _LocalBucket(tfds_shuffle._Bucket):  # pylint: disable=protected-access
+  """TFDS's spill bucket on plain local files, without TensorFlow.
+
+  TFDS writes a split that outgrows its memory buffer into 1000 bucket files through
+  `tf.io.gfile`, so without TensorFlow a large split failed with `ModuleNotFoundError:
+  tensorflow`. Same records (16-byte key, 8-byte size, data) and the same order; the file is
+  opened per record in append mode, so 1000 buckets hold no open files (records are whole
+  examples, 10-300 kB each, so the open is negligible)."""
+
+  def add(self, key, data: bytes):
+    os.makedirs(os.path.dirname(self._path), exist_ok=True)
+    with open(self._path, 'ab') as f:
+      f.write(tfds_shuffle._hkey_to_bytes(key))  # pylint: disable=protected-access
+      f.write(struct.pack('=Q', len(data)))
+      f.write(data)
+    self._length += 1
+    self._size += len(data)
+
+  def flush(self):
+    pass
+
+  def read_values(self):
+    if not os.path.exists(self._path):
+      return
+    with open(self._path, 'rb') as f:
+      while head := f.read(tfds_shuffle.HKEY_SIZE_BYTES):
+        size = struct.unpack('=Q', f.read(8))[0]
+        yield tfds_shuffle._read_hkey(head), f.read(size)  # pylint: disable=protected-access
+
+  def del_file(self):
+    if os.path.exists(self._path):
+      os.remove(self._path)
+
+
 @contextlib.contextmanager
-def _small_spill_buffer(nbytes: int):
-  old = tfds_shuffle.MAX_MEM_BUFFER_SIZE
-  tfds_shuffle.MAX_MEM_BUFFER_SIZE = min(old, nbytes)
+def _local_spill(nbytes: int):
+  """While building: spill to disk beyond `nbytes` of a split, through `_LocalBucket`."""
+  old = tfds_shuffle.MAX_MEM_BUFFER_SIZE, tfds_shuffle._Bucket  # pylint: disable=protected-access
+  tfds_shuffle.MAX_MEM_BUFFER_SIZE = min(old[0], nbytes)
+  tfds_shuffle._Bucket = _LocalBucket  # pylint: disable=protected-access
   try:
     yield
   finally:
-    tfds_shuffle.MAX_MEM_BUFFER_SIZE = old
+    tfds_shuffle.MAX_MEM_BUFFER_SIZE, tfds_shuffle._Bucket = old  # pylint: disable=protected-access
 
 
 def require_tensorflow() -> None:
@@ -173,7 +210,7 @@ def prepare(pickle_path: str | os.PathLike, dataset: str, aligned: bool,
       os.replace(out, staging)
     builder = Mmsa(config=source.name, data_dir=root, file_format=file_format, source=source)
     config = tfds.download.DownloadConfig(num_shards=num_shards, try_download_gcs=False)
-    with _small_spill_buffer(_SPILL_BYTES):
+    with _local_spill(_SPILL_BYTES):
       builder.download_and_prepare(download_dir=os.path.join(os.path.dirname(out), '.downloads'),
                                    download_config=config)
   except BaseException:

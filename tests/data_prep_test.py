@@ -359,8 +359,8 @@ def test_bad_arguments(pickles, tmp_path):
 
 # ---- file formats -----------------------------------------------------------------------------
 
-def test_without_tensorflow_array_record_works_and_tfrecord_says_what_to_install(pickles,
-                                                                                 tmp_path):
+def test_without_tensorflow_array_record_spills_to_disk_and_tfrecord_says_what_to_install(
+    pickles, tmp_path):
   script = textwrap.dedent(f"""
       import importlib.abc, sys
 
@@ -375,11 +375,28 @@ def test_without_tensorflow_array_record_works_and_tfrecord_says_what_to_install
           getattr(self.inner, 'invalidate_caches', lambda: None)()
 
       sys.meta_path[:] = [Hide(f) for f in sys.meta_path]
+      import numpy as np
       import data_prep
-      out = data_prep.prepare({str(pickles[('mosi', True)])!r}, 'mosi', True, {str(tmp_path)!r},
-                              check_sha256=False)
+      from data_prep import builder
+      from dmd_jax.io import load_pickle
+      # A split beyond the memory buffer spills to disk (as MOSEI's do at the 64 MB default):
+      # lowered to 4 kB here, so every split spills.
+      builder._SPILL_BYTES = 4096
+      spilled = []
+      add = builder._LocalBucket.add
+      builder._LocalBucket.add = lambda self, k, d: (spilled.append(len(d)), add(self, k, d))
+      pkl = {str(pickles[('mosi', True)])!r}
+      out = data_prep.prepare(pkl, 'mosi', True, {str(tmp_path)!r}, check_sha256=False)
       import tensorflow_datasets as tfds
-      assert len(tfds.builder_from_directory(out).as_data_source()['valid']) == {SIZES[1]}
+      source = tfds.builder_from_directory(out).as_data_source()
+      data = load_pickle(pkl)
+      for split in ('train', 'valid', 'test'):
+        rows = [source[split][i] for i in range(len(source[split]))]
+        assert [r['id'].decode() for r in rows] == list(data[split]['id']), split
+        for r, v in zip(rows, data[split]['vision']):
+          np.testing.assert_array_equal(r['vision'], v)
+      print('SPILLED', len(spilled))
+      assert 'tensorflow' not in sys.modules
       try:
         data_prep.prepare({str(pickles[('mosi', False)])!r}, 'mosi', False, {str(tmp_path)!r},
                           file_format='tfrecord', check_sha256=False)
@@ -389,6 +406,7 @@ def test_without_tensorflow_array_record_works_and_tfrecord_says_what_to_install
   run = subprocess.run([sys.executable, '-c', script], cwd=REPO, capture_output=True, text=True,
                        check=False)
   assert run.returncode == 0, run.stderr[-3000:]
+  assert int(run.stdout.split('SPILLED ')[1].split()[0]) == sum(SIZES)
   assert "ERROR: file_format='tfrecord' needs TensorFlow" in run.stdout
   assert 'pip install tensorflow-cpu' in run.stdout
   assert sorted(os.listdir(tmp_path / 'mmsa')) == ['.config', 'mosi_aligned']
