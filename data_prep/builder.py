@@ -21,7 +21,7 @@ import tensorflow_datasets as tfds
 from tensorflow_datasets.core import shuffle as tfds_shuffle
 
 from data_prep import mmsa_format
-from dmd_jax import schema
+from dmd_jax import lock, schema
 from data_prep.mmsa_format import MmsaSource
 
 FILE_FORMATS = ('array_record', 'tfrecord')
@@ -175,11 +175,15 @@ def require_tensorflow() -> None:
 def prepare(pickle_path: str | os.PathLike, dataset: str, aligned: bool,
             data_dir: str | os.PathLike, *, file_format: str = 'array_record',
             num_shards: int | None = None, nonfinite: str = 'error', check_sha256: bool = True,
-            overwrite: bool = False) -> str:
+            overwrite: bool = False, log=None) -> str:
   """Convert one MMSA pickle into a sharded TFDS dataset; returns the dataset directory.
 
-  The pickle is validated completely before anything is written; if anything fails, the
-  data dir is left as it was. `num_shards` (per split) defaults to TFDS's size-based choice.
+  The pickle is validated completely before anything is written. One process at a time
+  prepares a setting in a data dir (a lock; a second one waits, saying for whom, through `log`).
+  The dataset is built in a staging folder beside its place and moved there when complete, so
+  an existing dataset (`overwrite`) stays readable until the new one replaces it, and a failure
+  or a kill leaves what was there. Leftovers of a killed preparation are removed by the next.
+  `num_shards` (per split) defaults to TFDS's size-based choice.
   """
   if file_format not in FILE_FORMATS:
     raise ValueError(f'file_format must be one of {FILE_FORMATS}, got {file_format!r}')
@@ -190,6 +194,9 @@ def prepare(pickle_path: str | os.PathLike, dataset: str, aligned: bool,
   dataset, aligned = mmsa_format.check_setting(dataset, aligned)
   out = schema.dataset_path(data_dir, dataset, aligned)
   if os.path.exists(out) and not overwrite:
+    with contextlib.suppress(lock.Busy):   # unless another process is preparing it now
+      with lock.hold(os.path.dirname(out) + '.lock', f'the prepared dataset {out}'):
+        _remove_leftovers(out)
     raise FileExistsError(f'{out} already exists; pass overwrite=True (--overwrite) to rebuild')
 
   source = mmsa_format.load_source(pickle_path, dataset, aligned, nonfinite=nonfinite,
@@ -199,40 +206,75 @@ def prepare(pickle_path: str | os.PathLike, dataset: str, aligned: bool,
     raise ValueError(f'num_shards={num_shards} exceeds the smallest split ({min(sizes.values())} '
                      f'examples in {min(sizes, key=sizes.get)!r})')
 
-  # Everything created below `data_dir` is removed again if the build fails.
   root = os.path.expanduser(os.fspath(data_dir))
-  chain = [root, os.path.join(root, 'mmsa'), os.path.dirname(out)]
-  created = [p for p in chain if not os.path.exists(p)]
-  staging = None
+  config_dir = os.path.dirname(out)
+  # Folders this call creates are removed again on failure, if nothing else has come into them.
+  created = [p for p in (root, os.path.dirname(config_dir), config_dir) if not os.path.exists(p)]
+  log = log or (lambda msg: mmsa_format.log.warning('%s', msg))
   try:
-    if os.path.exists(out):  # overwrite: build beside it, swap at the end
-      staging = out + '.previous'
-      os.replace(out, staging)
-    builder = Mmsa(config=source.name, data_dir=root, file_format=file_format, source=source)
-    config = tfds.download.DownloadConfig(num_shards=num_shards, try_download_gcs=False)
-    with _local_spill(_SPILL_BYTES):
-      builder.download_and_prepare(download_dir=os.path.join(os.path.dirname(out), '.downloads'),
-                                   download_config=config)
+    with lock.hold(config_dir + '.lock', f'the prepared dataset {out}', wait=True, log=log):
+      _remove_leftovers(out)
+      if os.path.exists(out) and not overwrite:
+        raise FileExistsError(f'{out} already exists (prepared by another process while this '
+                              'one waited, or restored from an interrupted --overwrite); pass '
+                              'overwrite=True (--overwrite) to rebuild')
+      _build(source, file_format, num_shards, out, staging=_staging(out) + f'{os.getpid()}')
   except BaseException:
-    shutil.rmtree(out, ignore_errors=True)
-    if staging:
-      os.replace(staging, out)
-    _remove_leftovers(os.path.dirname(out))
     for p in reversed(created):
-      shutil.rmtree(p, ignore_errors=True)
+      with contextlib.suppress(OSError):
+        os.rmdir(p)
     raise
-  if staging:
-    shutil.rmtree(staging)
-  _remove_leftovers(os.path.dirname(out))
   mmsa_format.log.info('%s: %s examples (train/valid/test) written as %s to %s', source.path,
                        '/'.join(str(sizes[s]) for s in mmsa_format.SPLITS), file_format, out)
   return out
 
 
-def _remove_leftovers(config_dir: str) -> None:
-  """TFDS's download scratch dir and any `*.incomplete*` build dir under a config dir."""
-  if not os.path.isdir(config_dir):
-    return
-  for name in os.listdir(config_dir):
-    if name == '.downloads' or '.incomplete' in name:
-      shutil.rmtree(os.path.join(config_dir, name), ignore_errors=True)
+def _staging(out: str) -> str:
+  """The prefix of the folders a build of `out` stages in (a pid follows)."""
+  return os.path.join(os.path.dirname(os.path.dirname(out)),
+                      f'.building-{os.path.basename(os.path.dirname(out))}-')
+
+
+def _build(source: MmsaSource, file_format: str, num_shards: int | None, out: str,
+           staging: str) -> None:
+  """Builds the dataset under `staging` (a TFDS data dir of its own), then swaps it into `out`:
+  the previous version is moved aside, the new one moved in, the previous one removed; a
+  failure before the swap leaves `out` untouched."""
+  previous = out + '.previous'
+  try:
+    builder = Mmsa(config=source.name, data_dir=staging, file_format=file_format, source=source)
+    config = tfds.download.DownloadConfig(num_shards=num_shards, try_download_gcs=False)
+    with _local_spill(_SPILL_BYTES):
+      builder.download_and_prepare(download_dir=os.path.join(staging, '.downloads'),
+                                   download_config=config)
+    built = schema.dataset_path(staging, source.dataset, source.aligned)
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    if os.path.exists(out):
+      os.replace(out, previous)
+    os.replace(built, out)
+  finally:
+    shutil.rmtree(staging, ignore_errors=True)
+  shutil.rmtree(previous, ignore_errors=True)
+
+
+def _remove_leftovers(out: str) -> None:
+  """What a killed preparation of `out` left (called holding its lock): its staging folders,
+  TFDS scratch folders, and a previous version moved aside (restored if the new one never
+  arrived)."""
+  prefix = _staging(out)
+  parent = os.path.dirname(prefix)
+  if os.path.isdir(parent):
+    for name in os.listdir(parent):
+      if os.path.join(parent, name).startswith(prefix):
+        shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
+  previous = out + '.previous'
+  if os.path.isdir(previous):
+    if os.path.exists(out):
+      shutil.rmtree(previous, ignore_errors=True)
+    else:
+      os.replace(previous, out)
+  config_dir = os.path.dirname(out)
+  if os.path.isdir(config_dir):
+    for name in os.listdir(config_dir):
+      if name == '.downloads' or '.incomplete' in name:
+        shutil.rmtree(os.path.join(config_dir, name), ignore_errors=True)

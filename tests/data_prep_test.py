@@ -1,8 +1,10 @@
 """data_prep: the synthetic MMSA generator, the TFDS builder and its bad-input handling."""
 
+import json
 import os
 import pathlib
 import pickle
+import socket
 import subprocess
 import sys
 import textwrap
@@ -13,7 +15,8 @@ import pytest
 import data_prep
 from data_prep import mmsa_format, synthetic
 from dmd_jax import io as safe_pickle
-from dmd_jax import schema
+from dmd_jax import lock, schema
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 tfds = pytest.importorskip('tensorflow_datasets')
@@ -409,7 +412,7 @@ def test_without_tensorflow_array_record_spills_to_disk_and_tfrecord_says_what_t
   assert int(run.stdout.split('SPILLED ')[1].split()[0]) == sum(SIZES)
   assert "ERROR: file_format='tfrecord' needs TensorFlow" in run.stdout
   assert 'pip install tensorflow-cpu' in run.stdout
-  assert sorted(os.listdir(tmp_path / 'mmsa')) == ['.config', 'mosi_aligned']
+  assert sorted(os.listdir(tmp_path / 'mmsa')) == ['mosi_aligned']
 
 
 def test_tfrecord_round_trip(pickles, tmp_path):
@@ -431,3 +434,96 @@ def test_tfrecord_round_trip(pickles, tmp_path):
       np.testing.assert_array_equal(ex['text_bert'], d['text_bert'][i])
       assert ex['label'] == d['regression_labels'][i] and ex['id'].decode() == d['id'][i]
       assert ex['vision_length'] == d['vision_lengths'][i]
+
+
+# ---- one preparation at a time ------------------------------------------------------------------
+
+def _prep_cmd(pkl, data_dir, *extra):
+  return [sys.executable, '-m', 'data_prep.mmsa', '--dataset=mosi', '--aligned=true',
+          f'--pickle={pkl}', f'--data_dir={data_dir}', '--nocheck_sha256', *extra]
+
+
+def _leftovers(data_dir):
+  return sorted(n for n in tree(data_dir)
+                if any(s in n for s in ('.building-', '.previous', '.lock', '.incomplete')))
+
+
+def test_concurrent_preparations_never_delete_the_finished_dataset(pickles, tmp_path):
+  cmd = _prep_cmd(pickles[('mosi', True)], tmp_path)
+  procs = [subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True) for _ in range(2)]
+  outs = [(p.wait(timeout=600), *p.communicate()) for p in procs]
+  codes = sorted(rc for rc, _, _ in outs)
+  assert codes[0] == 0 and codes[1] != 0, [e[-1500:] for _, _, e in outs]
+  loser = [e for rc, _, e in outs if rc != 0][0]
+  assert 'already exists' in loser and '--overwrite' in loser
+  out = schema.dataset_path(tmp_path, 'mosi', True)
+  assert len(tfds.builder_from_directory(out).as_data_source()['train']) == SIZES[0]
+  assert _leftovers(tmp_path) == []
+
+
+def test_a_second_preparation_waits_for_the_holder_of_the_lock(pickles, tmp_path):
+  out = schema.dataset_path(tmp_path, 'mosi', True)
+  with lock.hold(os.path.dirname(out) + '.lock', 'test'):
+    proc = subprocess.Popen(_prep_cmd(pickles[('mosi', True)], tmp_path), cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    line = ''
+    while 'waiting for' not in line and proc.poll() is None:
+      line = proc.stderr.readline()
+    assert f'waiting for pid {os.getpid()} on' in line, line
+    assert not os.path.exists(out)
+  rc, (stdout, stderr) = proc.wait(timeout=600), proc.communicate()
+  assert rc == 0, stderr[-2000:]
+  assert stdout.strip().endswith(out) and _leftovers(tmp_path) == []
+
+
+def test_a_killed_overwrite_keeps_the_old_dataset_and_the_next_run_cleans_up(pickles, tmp_path):
+  data_dir = tmp_path / 'tfds'
+  out = data_prep.prepare(pickles[('mosi', True)], 'mosi', True, data_dir, check_sha256=False)
+  before = tree(data_dir)
+  script = textwrap.dedent(f"""
+      import os, signal, sys
+      from data_prep import mmsa_format
+      real = mmsa_format.MmsaSource.example
+      def example(self, split, i):   # killed half-way through writing the new version
+        if split == 'valid' and i == 2:
+          os.kill(os.getpid(), signal.SIGKILL)
+        return real(self, split, i)
+      mmsa_format.MmsaSource.example = example
+      sys.argv = {_prep_cmd(pickles[('mosi', True)], data_dir, '--overwrite')[2:]!r}
+      from absl import app
+      from data_prep import mmsa
+      mmsa._define_flags()
+      app.run(mmsa.main)
+  """)
+  run = subprocess.run([sys.executable, '-c', script], cwd=REPO, capture_output=True, text=True,
+                       check=False)
+  assert run.returncode == -9, run.stderr[-2000:]
+  left = _leftovers(data_dir)
+  assert any('.building-' in n for n in left) and tree(data_dir) > before, left
+  assert len(tfds.builder_from_directory(out).as_data_source()['valid']) == SIZES[1]
+  with pytest.raises(FileExistsError, match='already exists'):
+    data_prep.prepare(pickles[('mosi', True)], 'mosi', True, data_dir, check_sha256=False)
+  assert tree(data_dir) == before            # the leftovers went with the next preparation
+  data_prep.prepare(pickles[('mosi', True)], 'mosi', True, data_dir, check_sha256=False,
+                    overwrite=True)
+  assert tree(data_dir) == before
+
+
+def test_lock_names_its_holder_and_takes_over_a_stale_one(tmp_path):
+  path = tmp_path / 'x.lock'
+  with lock.hold(path, 'the thing'):
+    script = (f'from dmd_jax import lock\nwith lock.hold({str(path)!r}, "the thing"): pass')
+    run = subprocess.run([sys.executable, '-c', script], cwd=REPO, capture_output=True,
+                         text=True, check=False)
+    assert run.returncode != 0
+    assert f'Busy: the thing is in use by pid {os.getpid()} on ' in run.stderr
+  assert not path.exists()
+  dead = subprocess.run([sys.executable, '-c', 'import os; print(os.getpid())'],
+                        capture_output=True, text=True, check=True).stdout.strip()
+  path.write_text(json.dumps({'pid': int(dead), 'host': socket.gethostname(), 'since': 0,
+                              'command': 'killed'}))
+  said = []
+  with lock.hold(path, 'the thing', log=said.append):
+    assert json.loads(path.read_text())['pid'] == os.getpid()
+  assert len(said) == 1 and f'stale lock of pid {dead}' in said[0]

@@ -47,7 +47,11 @@ def data_path(run) -> str:
           run.dataset, run.aligned, tuple(syn.sizes), seed=syn.seed,
           weights=tuple(syn.weights), text_features=False), pkl)
     if jax.process_index() == 0:
-      data_prep.prepare(pkl, run.dataset, run.aligned, run.data_dir, check_sha256=False)
+      try:
+        data_prep.prepare(pkl, run.dataset, run.aligned, run.data_dir, check_sha256=False)
+      except FileExistsError:   # prepared by another run while this one waited for it
+        if not os.path.isfile(os.path.join(path, 'dataset_info.json')):
+          raise
     return path
   pkl = schema.FILE_NAMES[bool(run.aligned)]
   raise FileNotFoundError(
