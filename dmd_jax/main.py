@@ -17,6 +17,7 @@ the coordinator from the environment (TPU VMs, SLURM) or from `config.coordinato
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 
@@ -25,16 +26,20 @@ import jax
 import numpy as np
 from ml_collections import config_flags
 
+from dmd_jax import cli, lock
 from dmd_jax.data.batch import random_batch
 from dmd_jax.inference.bundle import write_bundle
 from dmd_jax.training import experiment
 from dmd_jax.training.optim import reference_optimizer
-from dmd_jax.training.run_config import model, validate_run
+from dmd_jax.training.run_config import (NOT_RESULTS, config_differences, load_run_config,
+                                         model, move_run_aside, validate_run)
 from dmd_jax.training.state import create_train_state, make_train_step
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Run configuration file (configs/*.py).',
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints, logs and results.')
+_FRESH = flags.DEFINE_bool('fresh', False, 'Move a run already in --workdir aside (into '
+                           'WORKDIR.replaced-<time>) and train from scratch.')
 
 
 def smoke(run) -> dict[str, float]:
@@ -90,18 +95,58 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)     # orbax/TFDS chatter; --verbosity=0 shows it
   logging.info('config:\n%s', run)
   show = print if jax.process_index() == 0 else (lambda *_: None)
+  workdir = _WORKDIR.value
+  new = not os.path.exists(workdir)
+  # One command at a time per run folder (process 0 holds the lock for a multi-host run).
+  held = (lock.hold(os.path.join(workdir, '.lock'), f'the run folder {workdir}')
+          if jax.process_index() == 0 else contextlib.nullcontext())
+  try:
+    with held:
+      run_in(run, workdir, show)
+  finally:
+    if new:      # a command that failed before writing leaves no empty folder behind
+      with contextlib.suppress(OSError):
+        os.rmdir(workdir)
+
+
+def run_in(run, workdir: str, show) -> None:
+  """The command in `workdir`, holding its lock."""
   if run.mode == 'eval':
-    experiment.run_eval(run, _WORKDIR.value, log=show)
+    experiment.run_eval(stored_for_eval(run, workdir, show), workdir, log=show)
     return
-  table = experiment.run_training(run, _WORKDIR.value, progress=run.progress and
+  if _FRESH.value and jax.process_index() == 0:
+    moved = move_run_aside(workdir)
+    if moved:
+      show(f'--fresh: moved the earlier run in {workdir} to {moved}')
+  train(run, workdir, show)
+
+
+def stored_for_eval(run, workdir: str, show):
+  """The config a trained run stored in `workdir`, with this command's fields that do not
+  decide results (eval_split, checkpoint, data_dir, ...); `run` itself where none is stored."""
+  if not os.path.isfile(os.path.join(workdir, 'config.json')):
+    return run
+  stored = load_run_config(workdir)
+  ignored, _ = config_differences(stored, run)
+  if ignored:
+    show(f"eval uses the run's stored config; this command's {'; '.join(ignored)} "
+         '(stored -> command) are ignored')
+  for key in NOT_RESULTS:
+    if key in run:
+      stored[key] = run[key]
+  return stored
+
+
+def train(run, workdir: str, show) -> None:
+  table = experiment.run_training(run, workdir, progress=run.progress and
                                   jax.process_index() == 0, log=show)
   m = table['mean_std']
   show(f"test over {len(table['seeds'])} seed(s): " + ', '.join(
       f"{k} {m[k]['mean']:.4f}±{m[k]['std']:.4f}" for k in ('Non0_acc_2', 'Non0_F1_score',
                                                            'Mult_acc_7', 'MAE', 'Corr')))
-  show(f'results: {_WORKDIR.value}/results.md')
+  show(f'results: {workdir}/results.md')
   if run.bundle and jax.process_index() == 0:
-    make_bundle(run, _WORKDIR.value, show)
+    make_bundle(run, workdir, show)
 
 
 def make_bundle(run, workdir: str, show) -> None:
@@ -121,4 +166,4 @@ def make_bundle(run, workdir: str, show) -> None:
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main)

@@ -348,3 +348,60 @@ def test_resuming_a_checkpoint_of_another_layout_names_it(tmp_path):
   state, meta = checkpoints.restore_state(mngr, 3, {'acc': np.ones(5, np.float32)})
   np.testing.assert_array_equal(state['acc'], np.zeros(5))
   assert meta == {'epoch': 1}
+
+
+# ---- a run folder is a faithful record -------------------------------------------------------
+
+def snapshot(folder):
+  """Every file below `folder` with its bytes, to show that a command wrote nothing."""
+  return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob('*'))
+          if p.is_file()}
+
+
+def test_a_command_with_another_config_stops_before_writing_anything(data_dir, clean_run,
+                                                                      tmp_path):
+  work = tmp_path / 'run'
+  shutil.copytree(clean_run, work)
+  before = snapshot(work)
+  for flag, said in (('--config.learning_rate=0.002', 'learning_rate 0.001 -> 0.002'),
+                     ('--config.model.nlevels=2', 'model.nlevels 1 -> 2')):
+    bad = subprocess.run(main_cmd(data_dir, work, flag), cwd=REPO, env=cpu_env(1),
+                         capture_output=True, text=True, timeout=300, check=False)
+    assert bad.returncode == 2, bad.stderr[-2000:]
+    lines = bad.stderr.strip().splitlines()
+    assert len(lines) == 1 and said in lines[0] and 'use a new --workdir, or --fresh' in lines[0]
+    assert snapshot(work) == before
+  # fields that do not decide results may differ, and are named
+  run = smoke_config(data_dir, max_epochs=5, figures=False)
+  assert run_config.check_run_folder(run, str(work)) == ['figures true -> false',
+                                                         'max_epochs 3 -> 5']
+
+
+def test_eval_uses_the_stored_config_and_fresh_moves_the_run_aside(data_dir, clean_run,
+                                                                   tmp_path):
+  from dmd_jax import main as cli  # pylint: disable=import-outside-toplevel
+  said = []
+  run = smoke_config(data_dir, mode='eval', eval_split='valid', learning_rate=0.5)
+  stored = cli.stored_for_eval(run, str(clean_run), said.append)
+  assert stored.learning_rate == 1e-3 and stored.eval_split == 'valid' and stored.mode == 'eval'
+  assert said == ["eval uses the run's stored config; this command's learning_rate 0.001 -> 0.5 "
+                  '(stored -> command) are ignored']
+  work = tmp_path / 'run'
+  shutil.copytree(clean_run, work)
+  before = snapshot(work)
+  moved = run_config.move_run_aside(str(work))
+  assert os.listdir(work) == [] and moved.startswith(f'{work}.replaced-')
+  assert snapshot(type(work)(moved)) == before
+
+
+def test_one_command_at_a_time_per_run_folder(data_dir, clean_run, tmp_path):
+  from dmd_jax import lock  # pylint: disable=import-outside-toplevel
+  work = tmp_path / 'run'
+  shutil.copytree(clean_run, work)
+  before = snapshot(work)
+  with lock.hold(work / '.lock', 'test'):
+    busy = subprocess.run(main_cmd(data_dir, work), cwd=REPO, env=cpu_env(1),
+                          capture_output=True, text=True, timeout=300, check=False)
+  assert busy.returncode == 2, busy.stderr[-2000:]
+  assert f'the run folder {work} is in use by pid {os.getpid()} on' in busy.stderr
+  assert snapshot(work) == before

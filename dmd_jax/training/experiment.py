@@ -26,7 +26,8 @@ from dmd_jax.data.pipeline import Loader, open_split
 from dmd_jax.training import checkpoints
 from dmd_jax.training.loop import Data, Member, cached_steps, train_group
 from dmd_jax.training.outputs import write_json, write_predictions, write_text
-from dmd_jax.training.run_config import model, setup_compile_cache, validate_run
+from dmd_jax.training.run_config import (check_run_folder, model, setup_compile_cache,
+                                         validate_run)
 from dmd_jax.training.steps import Steps, evaluate, make_mesh, stack
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -111,6 +112,8 @@ def run_training(run, workdir: str, *, progress: bool = True, log=print) -> dict
   `workdir`; then the results table as results.{csv,json,md} (per sweep member, in its folder,
   plus sweep.{md,json} comparing the members)."""
   validate_run(run)
+  for note in check_run_folder(run, workdir):
+    log(f'note: {note} (stored -> this command; does not change results)')
   setup_compile_cache(run)
   path = data_path(run)
   cfg, init = model(run)
@@ -119,8 +122,10 @@ def run_training(run, workdir: str, *, progress: bool = True, log=print) -> dict
       f'{jax.device_count()} device(s) in {jax.process_count()} process(es); '
       f'global batch {run.batch_size}; seeds {list(run.seeds)}; '
       f'{sum(map(len, todo))} run(s) in {len(todo)} program(s)')
-  # what `python -m dmd_jax.export_edges --workdir` reads back
-  write_text(os.path.join(workdir, 'config.json'), run.to_json_best_effort(indent=1))
+  # The config that decides this run's results, written once: what `python -m
+  # dmd_jax.export_edges --workdir`, bundles and later commands read back.
+  if not os.path.isfile(os.path.join(workdir, 'config.json')):
+    write_text(os.path.join(workdir, 'config.json'), run.to_json_best_effort(indent=1))
   results = {}
   for group in todo:
     rows = train_group(run, cfg, init, group, loaders(run, path, [m.seed for m in group]),

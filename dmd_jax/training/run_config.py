@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from typing import Any, Mapping, Optional
 
 import jax
@@ -77,8 +78,10 @@ def validate_run(run: Mapping[str, Any]) -> None:
   need(run['patience'] >= 0, 'patience', 'must be >= 0')
   need(run['log_every'] >= 1, 'log_every', 'must be >= 1')
   need(run['keep_checkpoints'] >= 1, 'keep_checkpoints', 'must be >= 1')
-  need(len(run['seeds']) >= 1 and len(set(run['seeds'])) == len(run['seeds']), 'seeds',
-       'must be a non-empty list of distinct integers')
+  seeds = run['seeds']
+  need(isinstance(seeds, (list, tuple)) and len(seeds) >= 1 and len(set(seeds)) == len(seeds)
+       and all(isinstance(s, int) and not isinstance(s, bool) for s in seeds), 'seeds',
+       "must be a non-empty tuple of distinct integers, e.g. --config.seeds='(1111,1112)'")
   need(run['mode'] in MODES, 'mode', f'must be one of {MODES}')
   need(run['eval_split'] in ('train', 'valid', 'test'), 'eval_split',
        "must be 'train', 'valid' or 'test'")
@@ -119,3 +122,78 @@ def load_run_config(workdir: str):
     run = ml_collections.ConfigDict(json.load(f))
   run.model.kernel_sizes = tuple(run.model.kernel_sizes)
   return run
+
+
+# Fields that do not decide a run's results: commands into one workdir may differ in them.
+# (max_epochs: a resumed run trains its unfinished members up to the new cap; members that
+# finished keep their results.) Every other field must equal the stored config's.
+NOT_RESULTS = ('mode', 'eval_split', 'checkpoint', 'progress', 'figures', 'bundle',
+               'compile_cache', 'log_every', 'keep_checkpoints', 'data_dir', 'state_layout',
+               'max_epochs', 'distributed', 'coordinator_address', 'num_processes', 'process_id',
+               'smoke_steps')
+
+
+class RunFolderMismatch(ValueError):
+  """A command's config decides results differently from the run stored in its workdir."""
+
+
+def _flat(tree: Any, prefix: str = '') -> dict[str, Any]:
+  if isinstance(tree, Mapping):
+    out = {}
+    for k, v in tree.items():
+      out.update(_flat(v, f'{prefix}{k}.'))
+    return out
+  return {prefix[:-1]: tree}
+
+
+def as_plain(run: Mapping[str, Any]) -> dict[str, Any]:
+  """A run config as the JSON it is stored as (tuples as lists)."""
+  if hasattr(run, 'to_json_best_effort'):
+    return json.loads(run.to_json_best_effort())
+  return json.loads(json.dumps(run))
+
+
+def config_differences(stored: Mapping[str, Any], run: Mapping[str, Any]
+                       ) -> tuple[list[str], list[str]]:
+  """(fields deciding results, other fields) in which `run` differs from `stored`, each as
+  'field stored -> now'."""
+  a, b = _flat(as_plain(stored)), _flat(as_plain(run))
+  results, others = [], []
+  for key in sorted(set(a) | set(b)):
+    if a.get(key, '<absent>') == b.get(key, '<absent>'):
+      continue
+    line = f"{key} {json.dumps(a.get(key, '<absent>'))} -> {json.dumps(b.get(key, '<absent>'))}"
+    (others if key.split('.')[0] in NOT_RESULTS else results).append(line)
+  return results, others
+
+
+def check_run_folder(run: Mapping[str, Any], workdir: str) -> list[str]:
+  """Stops (`RunFolderMismatch`, one line) a command whose config differs from the run stored
+  in `workdir` (config.json) in a field that decides results; returns the differences in other
+  fields (to say). Nothing is stored in a workdir without a run."""
+  path = os.path.join(workdir, 'config.json')
+  if not os.path.isfile(path):
+    return []
+  with open(path) as f:
+    stored = json.load(f)
+  results, others = config_differences(stored, run)
+  if results:
+    raise RunFolderMismatch(
+        f"{workdir} holds a run trained with a different config ({'; '.join(results)}: stored "
+        f'-> this command). Its results stay as they are: use a new --workdir, or --fresh to '
+        f'move that run aside and train from scratch here.')
+  return others
+
+
+def move_run_aside(workdir: str) -> Optional[str]:
+  """Moves everything in `workdir` (but its lock) into a new sibling folder
+  WORKDIR.replaced-<time>; returns that folder (None if there was nothing)."""
+  names = [n for n in os.listdir(workdir) if n != '.lock'] if os.path.isdir(workdir) else []
+  if not names:
+    return None
+  stamp = time.strftime('%Y%m%d-%H%M%S')
+  dest = f"{os.path.normpath(workdir)}.replaced-{stamp}"
+  os.makedirs(dest)
+  for name in names:
+    os.replace(os.path.join(workdir, name), os.path.join(dest, name))
+  return dest
