@@ -9,6 +9,7 @@ Options: --file_format=tfrecord (needs tensorflow-cpu), --num_shards=N (per spli
 --nocheck_sha256.
 """
 
+from dmd_jax import cli
 from absl import app, flags, logging
 
 from data_prep import builder, mmsa_format
@@ -41,4 +42,4 @@ def main(argv):
 
 if __name__ == '__main__':
   _define_flags()
-  app.run(main)
+  cli.run(main)

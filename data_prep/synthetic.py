@@ -197,6 +197,6 @@ def _main(argv):
 
 
 if __name__ == '__main__':
-  from absl import app as _app  # pylint: disable=import-outside-toplevel
+  from dmd_jax import cli  # pylint: disable=import-outside-toplevel
   _define_flags()
-  _app.run(_main)
+  cli.run(_main)

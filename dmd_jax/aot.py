@@ -20,6 +20,7 @@ os.environ.setdefault('JAX_PLATFORMS', 'cpu')   # compile for the slice; run not
 # libtpu looks for a TPU VM's metadata at start-up; on any other host these stop it trying
 os.environ.setdefault('TPU_SKIP_MDS_QUERY', '1')
 
+from dmd_jax import cli  # noqa: E402
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
@@ -75,4 +76,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main)

@@ -37,6 +37,7 @@ import os
 import subprocess
 import sys
 
+from dmd_jax import cli
 from absl import app, flags, logging
 import jax
 
@@ -145,4 +146,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main)

@@ -9,6 +9,7 @@ model and text encoder configs, the tokenizer's files, the input contract and a 
 
 from __future__ import annotations
 
+from dmd_jax import cli
 from absl import app, flags, logging
 
 from dmd_jax.inference.bundle import write_bundle
@@ -35,4 +36,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main)

@@ -10,6 +10,7 @@ Writes WORKDIR/edges/edges_<split>.npz (per-sample (N, 3, 3) matrices of both un
 edges_<split>_heatmap.png / .svg. The run's settings come from WORKDIR/config.json.
 """
 
+from dmd_jax import cli
 from absl import app, flags
 
 from dmd_jax.training import experiment
@@ -33,4 +34,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main)

@@ -12,6 +12,7 @@ config, with `--config.x=y` overrides, and must match the checkpoint (a shape mi
 
 from __future__ import annotations
 
+from dmd_jax import cli
 from absl import app, flags
 from ml_collections import config_flags
 
@@ -40,4 +41,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main)

