@@ -62,8 +62,8 @@ def main(argv):
   try:
     aot.compile_programs(_CONFIG.value, _TOPOLOGY.value, programs=_PROGRAMS.value,
                          layout=_LAYOUT.value, on_row=show)
-  except (RuntimeError, ValueError) as e:
-    sys.exit(f'error: {e}')
+  except RuntimeError as e:      # no TPU compiler here (bad flags: ValueError, exit 2)
+    cli.fail(e)
   if _FIT.value:
     found = aot.fit(_CONFIG.value, _TOPOLOGY.value, max_batch=_FIT_MAX_BATCH.value,
                     max_seeds=_FIT_MAX_SEEDS.value, layout=_LAYOUT.value)

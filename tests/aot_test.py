@@ -73,7 +73,7 @@ def test_cli_errors_are_one_line():
   res = subprocess.run([sys.executable, '-m', 'dmd_jax.aot', '--config=configs/smoke.py',
                         '--topology=v9x:1x1'], capture_output=True, text=True, env=cpu_env(1),
                        timeout=300, check=False)
-  assert res.returncode == 1
+  assert res.returncode == 2
   last = res.stderr.strip().splitlines()[-1]
   assert last.startswith('error: --topology=v9x:1x1: ') or 'libtpu' in last, res.stderr[-2000:]
 
