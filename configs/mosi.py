@@ -96,7 +96,7 @@ def base_config(dataset: str, alignment: str) -> ml_collections.ConfigDict:
   c.checkpoint = ''              # params dir for mode=eval (default: workdir/seed_<first>/best)
   c.log_every = 20               # train steps between device->host metric fetches
   c.keep_checkpoints = 2         # latest full-state checkpoints kept per seed (plus the best)
-  c.progress = True              # progress bar with ETA
+  c.progress = True              # progress bar with ETA (on a terminal; epoch lines always)
   c.figures = True               # per seed: edge heatmaps and history plots (PNG, SVG); false
                                  # skips matplotlib (the numbers are written either way)
   c.distributed = False          # jax.distributed.initialize() (multi-host)

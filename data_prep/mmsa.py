@@ -9,10 +9,13 @@ Options: --file_format=tfrecord (needs tensorflow-cpu), --num_shards=N (per spli
 --nocheck_sha256.
 """
 
-from dmd_jax import cli
+import sys
+
 from absl import app, flags, logging
+import tensorflow_datasets as tfds
 
 from data_prep import builder, mmsa_format
+from dmd_jax import cli
 
 
 def _define_flags():
@@ -34,6 +37,8 @@ def main(argv):
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   f = flags.FLAGS
   logging.set_verbosity(logging.INFO)
+  if not sys.stderr.isatty():
+    tfds.disable_progress_bar()     # progress bars only on a terminal
   out = builder.prepare(f.pickle, f.dataset, f.aligned, f.data_dir, file_format=f.file_format,
                         num_shards=f.num_shards, nonfinite=f.nonfinite,
                         check_sha256=f.check_sha256, overwrite=f.overwrite)

@@ -9,7 +9,26 @@ The names below are the public API; they are imported on first use, so `import d
 `dmd_jax.schema` from data_prep) stays light and initialises no JAX backend.
 """
 
+import glob
 import importlib
+import os
+import sys
+
+
+def _quiet_start() -> None:
+  """Keeps start-up chatter of optional packages out of every command's output:
+  - on a Linux host without accelerator devices JAX can only use the CPU; saying so up front
+    (JAX_PLATFORMS=cpu) keeps an installed TPU compiler (the `tpu` extra, for `dmd_jax.aot`)
+    from probing for a TPU and printing five lines of failure;
+  - transformers' advice that PyTorch is not installed (it is optional here).
+  Variables already set win."""
+  if sys.platform.startswith('linux') and 'JAX_PLATFORMS' not in os.environ and not any(
+      glob.glob(p) for p in ('/dev/accel*', '/dev/vfio/[0-9]*', '/dev/nvidia[0-9]*', '/dev/kfd')):
+    os.environ['JAX_PLATFORMS'] = 'cpu'
+  os.environ.setdefault('TRANSFORMERS_NO_ADVISORY_WARNINGS', '1')
+
+
+_quiet_start()
 
 __version__ = '0.2.0'
 

@@ -37,10 +37,10 @@ import os
 import subprocess
 import sys
 
-from dmd_jax import cli
 from absl import app, flags, logging
 import jax
 
+from dmd_jax import cli
 from dmd_jax import io
 from dmd_jax.dev import benchmark as bench
 from dmd_jax.dev.benchmark import SETTINGS

@@ -9,9 +9,9 @@ model and text encoder configs, the tokenizer's files, the input contract and a 
 
 from __future__ import annotations
 
-from dmd_jax import cli
 from absl import app, flags, logging
 
+from dmd_jax import cli
 from dmd_jax.inference.bundle import write_bundle
 
 _RUN = flags.DEFINE_string('run', None, 'Workdir of a training run (python -m dmd_jax.main).')

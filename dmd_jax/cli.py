@@ -17,7 +17,7 @@ import contextlib
 import sys
 from typing import Callable, NoReturn
 
-from absl import app, flags
+from absl import app, flags, logging
 
 from dmd_jax.lock import Busy
 
@@ -58,6 +58,8 @@ def _parse(argv: list[str]) -> list[str]:
 def run(main: Callable[[list[str]], None]) -> None:
   """`absl.app.run(main)` with user errors as one line and exit status 2."""
   def wrapped(argv):
+    if not flags.FLAGS['verbosity'].present:
+      logging.set_verbosity(logging.WARNING)   # orbax/TFDS INFO chatter; --verbosity=0 shows it
     try:
       return main(argv)
     except app.UsageError as e:

@@ -10,9 +10,9 @@ Writes WORKDIR/edges/edges_<split>.npz (per-sample (N, 3, 3) matrices of both un
 edges_<split>_heatmap.png / .svg. The run's settings come from WORKDIR/config.json.
 """
 
-from dmd_jax import cli
 from absl import app, flags
 
+from dmd_jax import cli
 from dmd_jax.training import experiment
 from dmd_jax.training.run_config import load_run_config
 

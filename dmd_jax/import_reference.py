@@ -12,10 +12,10 @@ config, with `--config.x=y` overrides, and must match the checkpoint (a shape mi
 
 from __future__ import annotations
 
-from dmd_jax import cli
 from absl import app, flags
 from ml_collections import config_flags
 
+from dmd_jax import cli
 from dmd_jax.training.checkpoints import import_to_checkpoint
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Run configuration (configs/*.py).',

@@ -17,10 +17,10 @@ import io
 import os
 import sys
 
-from dmd_jax import cli
 from absl import app, flags, logging
 import numpy as np
 
+from dmd_jax import cli
 from dmd_jax.io import atomic_write, savez
 from dmd_jax.inference import inputs
 from dmd_jax.inference.predictor import Predictor

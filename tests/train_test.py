@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import textwrap
 import time
 
 import jax
@@ -212,10 +213,33 @@ def test_failures_are_named(data_dir, tmp_path):
     run_config.validate_run(smoke_config(data_dir, batch_size=0))
   with pytest.raises(ValueError, match=r"config.mode='fit'"):
     run_config.validate_run(smoke_config(data_dir, mode='fit'))
-  bad = subprocess.run(main_cmd(data_dir, tmp_path / 'w', '--config.text_encoder=/no/such/bert'),
-                       cwd=REPO, env=cpu_env(1), capture_output=True, text=True, timeout=300,
-                       check=False)
-  assert bad.returncode != 0 and '/no/such/bert' in bad.stderr
+  # As a user runs it: no JAX_PLATFORMS (the TPU compiler of the tpu extra is installed in CI),
+  # no PyTorch: the error is the one line on stderr, and nothing else is.
+  env = {k: v for k, v in cpu_env(1).items() if k not in ('JAX_PLATFORMS',
+                                                           'TRANSFORMERS_NO_ADVISORY_WARNINGS')}
+  script = textwrap.dedent(f"""
+      import importlib.abc, runpy, sys
+      class Hide(importlib.abc.MetaPathFinder):   # as if PyTorch were not installed
+        def __init__(self, inner):
+          self.inner = inner
+        def find_spec(self, name, path=None, target=None):
+          return None if name.split('.')[0] == 'torch' else self.inner.find_spec(name, path, target)
+        def invalidate_caches(self):
+          getattr(self.inner, 'invalidate_caches', lambda: None)()
+        def find_distributions(self, *args, **kwargs):
+          if 'torch' in str(args) + str(kwargs):
+            return iter(())
+          return getattr(self.inner, 'find_distributions', lambda *a, **k: iter(()))(*args, **kwargs)
+      sys.meta_path[:] = [Hide(f) for f in sys.meta_path]
+      sys.argv = {main_cmd(data_dir, tmp_path / 'w', '--config.text_encoder=/no/such/bert')[2:]!r}
+      runpy.run_module('dmd_jax.main', run_name='__main__', alter_sys=True)
+  """)
+  bad = subprocess.run([sys.executable, '-c', script], cwd=REPO, env=env, capture_output=True,
+                       text=True, timeout=300, check=False)
+  assert bad.returncode == 2 and bad.stdout == ''
+  assert len(bad.stderr.splitlines()) == 1, bad.stderr[-3000:]
+  assert bad.stderr.startswith('error: ') and '/no/such/bert' in bad.stderr
+  assert not (tmp_path / 'w').exists()
   unknown = subprocess.run(main_cmd(data_dir, tmp_path / 'w', '--config.learning_rat=1'),
                            cwd=REPO, env=cpu_env(1), capture_output=True, text=True, timeout=300,
                            check=False)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from typing import Any, Callable, Mapping, Optional, Sequence
 
 import jax
@@ -122,12 +123,13 @@ class SeedOutputs:
 
 
 class _Progress:
-  """tqdm over training steps with epochs in the description (a no-op when disabled)."""
+  """tqdm over training steps with epochs in the description (a no-op when disabled or when
+  stderr is not a terminal)."""
 
   def __init__(self, enabled: bool, epochs: int, per_epoch: int):
     self.bar = None
     self.epochs, self.per_epoch = epochs, per_epoch
-    if enabled:
+    if enabled and sys.stderr.isatty():   # in a redirected log, the epoch lines say enough
       self.bar = tqdm(total=epochs * per_epoch, unit='step', dynamic_ncols=True)
 
   def set_epoch(self, done: int):
