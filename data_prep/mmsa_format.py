@@ -21,6 +21,7 @@ import numpy as np
 
 # The dataset facts (splits, lengths, widths, file names, MMSA's hashes) live in dmd_jax.schema.
 from dmd_jax import io as safe_pickle
+from dmd_jax import schema
 from dmd_jax.schema import (AV_DIMS, AV_LENS, DATASETS, FILE_NAMES, MMSA_SHA256,  # noqa: F401
                             SPLIT_SIZES, SPLITS, TEXT_LEN, check_setting, setting_name)
 
@@ -249,13 +250,12 @@ def _validate_split(path: str, split: str, d: Any, dataset: str, aligned: bool,
   # Text rows must be integral word-piece ids / mask / segment values.
   tb = arrays['text_bert']
   for sl in _blocks(n):
-    blk = tb[sl]
-    ok = np.isfinite(blk) & (blk == np.round(blk)) & (blk >= 0)
-    if not ok.all():
-      j = np.argwhere(~ok)[0]
-      _fail(path, split, 'text_bert', f'sample {sl.start + j[0]}, row {j[1]}, position {j[2]} '
-            'is not a non-negative integer', 'token ids, mask and segment ids',
-            blk[tuple(j)])
+    problem = schema.text_bert_problem(tb[sl])
+    if problem:
+      (i, row, pos), what = problem
+      _fail(path, split, 'text_bert', f'sample {sl.start + i}, row {row}, position {pos}: {what}',
+            f'word-piece ids of bert-base-uncased (< {schema.TEXT_VOCAB_SIZE}), mask and segment '
+            'ids 0/1', tb[sl][i, row, pos])
   if not np.isfinite(labels).all():
     i = int(np.argmax(~np.isfinite(labels)))
     _fail(path, split, 'regression_labels', f'sample {i} is not finite', 'a finite score',

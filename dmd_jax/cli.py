@@ -23,7 +23,7 @@ from dmd_jax.lock import Busy
 
 # ValueError covers the named errors of validation, of data and input checks (MmsaFormatError,
 # UnicodeDecodeError) and of run folders (RunFolderMismatch).
-USER_ERRORS = (ValueError, OSError, ImportError, Busy)
+USER_ERRORS = (ValueError, OSError, ImportError, FloatingPointError, Busy)
 
 _TRACEBACK = flags.DEFINE_bool('traceback', False, 'On an error, show the whole traceback.')
 

@@ -19,6 +19,30 @@ DATASETS = ('mosi', 'mosei')
 SPLITS = ('train', 'valid', 'test')
 FEATURE_ORDER = ('t', 'a', 'v')          # MMSA files, feature_dims and seq_lens
 TEXT_LEN = 50                            # BERT word pieces per utterance (rows of `text_bert`)
+# MMSA's `text_bert` holds word pieces of bert-base-uncased (ids < 30522); rows: ids, attention
+# mask, segment ids.
+TEXT_VOCAB_SIZE = 30522
+
+
+def text_bert_problem(text_bert: np.ndarray, vocab_size: int = TEXT_VOCAB_SIZE
+                      ) -> tuple[tuple[int, ...], str] | None:
+  """The first entry of `text_bert` rows (N, 3, T) that no encoder can read, as ((sample, row,
+  position), what), or None: word-piece ids must be integers in [0, vocab_size), the mask and
+  segment ids 0 or 1 (an id past the vocabulary reads another row of the embedding table or
+  NaN, silently)."""
+  tb = np.asarray(text_bert)
+  whole = np.isfinite(tb) & (tb == np.round(tb)) & (tb >= 0)
+  limit = np.array([vocab_size - 1, 1, 1]).reshape((1, 3) + (1,) * (tb.ndim - 2))
+  bad = ~(whole & (tb <= limit))
+  if not bad.any():
+    return None
+  j = tuple(int(x) for x in np.argwhere(bad)[0])
+  value = tb[j]
+  if j[1] == 0:
+    what = f'word-piece id {value:g} is not an integer in [0, {vocab_size})'
+  else:
+    what = f"{('attention mask', 'segment id')[j[1] - 1]} {value:g} is not 0 or 1"
+  return j, what
 TEXT_WIDTH = 768                         # bert-base-uncased: the text width of the released code
 # (audio, vision) feature widths per dataset.
 AV_DIMS = {'mosi': (5, 20), 'mosei': (74, 35)}

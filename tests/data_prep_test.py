@@ -228,6 +228,15 @@ BAD_CASES = {
                             r"'regression_labels': expected 5, found 4"),
     'non-integer token id': (_setitem('train', 'text_bert', lambda a: a + 0.5),
                              r"split 'train', key 'text_bert': sample 0, row 0"),
+    'token id past the vocabulary': (
+        _setitem('valid', 'text_bert', lambda a: np.where(
+            (np.arange(a.shape[0]) == 2)[:, None, None] & (np.arange(3) == 0)[None, :, None]
+            & (np.arange(a.shape[2]) == 1)[None, None, :], 1e9, a)),
+        r"split 'valid', key 'text_bert': sample 2, row 0, position 1: word-piece id 1e\+09 is "
+        r'not an integer in \[0, 30522\)'),
+    'mask not 0 or 1': (_setitem('test', 'text_bert', lambda a: a * np.array([1, 3, 1])[:, None]),
+                        r"key 'text_bert': sample 0, row 1, position 0: attention mask 3 is not "
+                        r'0 or 1'),
     'bad length': (_setitem('train', 'vision_lengths', lambda a: a + 1000),
                    r"split 'train', key 'vision_lengths': sample 0 is not an integer length"),
     'NaN in vision': (_setitem('test', 'vision', lambda a: np.where(

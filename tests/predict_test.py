@@ -1,20 +1,25 @@
 """Prediction from a model bundle: the same scores as --mode=eval, the same token ids as data prep,
 a bundle that travels alone, and a named error (with nothing written) for every bad input."""
 
+import dataclasses
 import json
 import os
 import pickle
+import re
 import shutil
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 
 from helpers import smoke_data
 from configs import smoke
 from dmd_jax.inference import inputs
-from dmd_jax.inference.bundle import BundleError, load_bundle, write_bundle
+from safetensors.numpy import load_file, save_file
+
+from dmd_jax.inference.bundle import BundleError, load_bundle, manifest, write_bundle
 from dmd_jax.inference.predictor import Predictor
 from dmd_jax.training import experiment
 from dmd_jax.training.steps import evaluate
@@ -160,6 +165,29 @@ def test_bundle_errors_name_what_is_wrong(trained, tmp_path):
   shutil.rmtree(b / 'tokenizer')
   with pytest.raises(BundleError, match=r"missing \['tokenizer'\]"):
     load_bundle(str(b))
+  shutil.rmtree(b)
+  shutil.copytree(trained['bundle'], b)
+  (b / 'tokenizer' / 'tokenizer.json').unlink()       # it predicted with a 5-word vocabulary
+  with pytest.raises(BundleError, match=r'tokenizer/tokenizer.json: missing \(listed in '):
+    load_bundle(str(b))
+  shutil.rmtree(b)
+  shutil.copytree(trained['bundle'], b)
+  tok = json.loads((b / 'tokenizer' / 'tokenizer.json').read_text())
+  vocab = tok['model']['vocab']                       # two words swap their ids
+  first, second = sorted(vocab, key=vocab.get)[1000:1002]
+  vocab[first], vocab[second] = vocab[second], vocab[first]
+  (b / 'tokenizer' / 'tokenizer.json').write_text(json.dumps(tok))
+  with pytest.raises(BundleError, match=r'tokenizer/tokenizer.json: changed since the bundle '):
+    load_bundle(str(b))
+  shutil.rmtree(b)
+  shutil.copytree(trained['bundle'], b)
+  flat = load_file(str(b / 'params.safetensors'))     # a model trained into NaN, re-listed
+  key = sorted(flat)[0]
+  flat[key] = np.full_like(flat[key], np.nan)
+  save_file(flat, str(b / 'params.safetensors'))
+  (b / 'bundle.json').write_text(json.dumps({**meta, 'files': manifest(str(b))}))
+  with pytest.raises(BundleError, match=f"parameter '{key}' holds .* non-finite values"):
+    load_bundle(str(b))
   with pytest.raises(FileNotFoundError, match='bundle folder not found'):
     load_bundle(str(tmp_path / 'nope'))
   with pytest.raises(FileExistsError):          # never overwrites unless asked
@@ -200,3 +228,46 @@ def test_cli_writes_csv_and_edges_and_nothing_on_error(trained, tmp_path):
   assert res.returncode != 0 and "sample 's2', field 'audio': feature dim 4" in res.stderr
   assert not out.exists() and not edges.exists()
   assert not [p for p in os.listdir(tmp_path) if p.startswith('.')]   # no temporary leftovers
+
+
+def test_untrusted_inputs_are_checked_before_use(predictor, trained, tmp_path):
+  rows = [_row(0), _row(1)]
+  with open(tmp_path / 'huge.npy', 'wb') as f:     # a header that claims 1e10 frames, no data
+    np.lib.format.write_array_header_1_0(f, {'descr': '<f4', 'fortran_order': False,
+                                             'shape': (10 ** 10, 5)})
+  np.savez(tmp_path / 'objects.npz', clip=np.array([{'a': 1}, None], dtype=object))
+  cases = [
+      ({**rows[0], 'audio': 'huge.npy'}, r"sample 's0', field 'audio': .*huge.npy: declares "
+                                         r'10000000000 frames'),
+      ({**rows[0], 'vision': 'objects.npz:clip'}, r"field 'vision': .*objects.npz:clip: holds "
+                                                  'Python objects'),
+  ]
+  for row, message in cases:
+    with pytest.raises(inputs.InputError, match=message):
+      inputs.read_input(_jsonl(tmp_path, [row]))
+  (tmp_path / 'latin1.jsonl').write_bytes(
+      (json.dumps(rows[0]) + '\n' + json.dumps(rows[1])).replace('a fine', 'caf\u00e9')
+      .encode('latin-1'))
+  with pytest.raises(inputs.InputError, match=r'latin1.jsonl, line 1: not UTF-8 text'):
+    inputs.read_input(str(tmp_path / 'latin1.jsonl'))
+  # token ids outside the encoder's vocabulary (they gave NaN or silently shifted scores)
+  data = trained['data']
+  for value, what in ((30522, 'word-piece id 30522 is not an integer in'),
+                      (-1, 'word-piece id -1 is not'), (2.5, 'word-piece id 2.5 is not')):
+    test = {k: v[:3] for k, v in data['test'].items()}
+    test['text_bert'] = test['text_bert'].copy()
+    test['text_bert'][1, 0, 2] = value
+    path = tmp_path / 'bad.pkl'
+    path.write_bytes(pickle.dumps({'test': test}))
+    with pytest.raises(inputs.InputError, match=re.escape(
+        f"sample '{test['id'][1]}', field 'text_bert' (row 0, position 2): {what}")):
+      predictor.predict_samples(inputs.read_input(str(path)))
+
+
+def test_a_non_finite_score_is_an_error_never_a_class(trained):
+  bundle = load_bundle(trained['bundle'])
+  broken = jax.tree.map(lambda x: np.full_like(x, np.nan), bundle.params)
+  p = Predictor(dataclasses.replace(bundle, params=broken), batch_size=8)
+  test = trained['data']['test']
+  with pytest.raises(FloatingPointError, match=r'no finite score for 2 sample\(s\)'):
+    p.predict(list(test['raw_text'][:2]), list(test['audio'][:2]), list(test['vision'][:2]))

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import hashlib
 import json
 import os
 from typing import Any, Mapping, Optional
@@ -35,7 +36,8 @@ from dmd_jax.training import checkpoints, run_config
 from dmd_jax.training.experiment import git_commit
 
 FORMAT = 'dmd_jax.bundle'
-FORMAT_VERSION = 1
+# 2: bundle.json lists every other file's SHA-256 ('files'), checked when the bundle is read.
+FORMAT_VERSION = 2
 FILES = ('bundle.json', 'params.safetensors', 'tokenizer', 'text_encoder_config.json',
          'README.md')
 
@@ -200,8 +202,45 @@ def write_bundle(workdir: str, out: str, seed: Optional[int] = None, *,
     atomic_write(os.path.join(tmp, 'text_encoder_config.json'),
                  json.dumps(dataclasses.asdict(bert), indent=1))
     atomic_write(os.path.join(tmp, 'README.md'), _card(meta, results))
+    meta['files'] = manifest(tmp)
     atomic_write(os.path.join(tmp, 'bundle.json'), json.dumps(meta, indent=1))
   return out
+
+
+def _sha256(path: str) -> str:
+  h = hashlib.sha256()
+  with open(path, 'rb') as f:
+    while chunk := f.read(1 << 20):
+      h.update(chunk)
+  return h.hexdigest()
+
+
+def manifest(folder: str) -> dict[str, str]:
+  """SHA-256 of every file below `folder` but bundle.json, by '/'-joined relative path."""
+  out = {}
+  for root, _, names in os.walk(folder):
+    for name in names:
+      rel = os.path.relpath(os.path.join(root, name), folder).replace(os.sep, '/')
+      if rel != 'bundle.json':
+        out[rel] = _sha256(os.path.join(root, name))
+  return dict(sorted(out.items()))
+
+
+def check_files(path: str, listed: Any) -> None:
+  """Every file `listed` in bundle.json is there with its SHA-256; nothing else is."""
+  if not isinstance(listed, dict) or not listed:
+    raise BundleError(f"{path}/bundle.json: no 'files' manifest (bundle the run again)")
+  found = manifest(path)
+  for rel, digest in listed.items():
+    if rel not in found:
+      raise BundleError(f'{path}/{rel}: missing (listed in bundle.json); the bundle is '
+                        'incomplete: copy it again or bundle the run again')
+    if found[rel] != digest:
+      raise BundleError(f'{path}/{rel}: changed since the bundle was made (SHA-256 {found[rel]}, '
+                        f'bundle.json says {digest}); copy it again or bundle the run again')
+  extra = sorted(set(found) - set(listed))
+  if extra:
+    raise BundleError(f'{path}: files not in the bundle\'s manifest: {extra[:5]}')
 
 
 def _jsonable(x):
@@ -246,6 +285,7 @@ def load_bundle(path: str) -> Bundle:
     raise BundleError(f'{path}: bundle format version {version!r} (written by dmd_jax '
                       f"{meta.get('dmd_jax_version')}); this dmd_jax {__version__} reads version "
                       f'{FORMAT_VERSION}: use the dmd_jax that wrote it, or bundle the run again')
+  check_files(path, meta.get('files'))
   with open(os.path.join(path, 'text_encoder_config.json')) as f:
     bert = BertConfig.from_dict(json.load(f))
   run = ml_collections.ConfigDict(meta['run_config'])
@@ -262,5 +302,9 @@ def load_bundle(path: str) -> Bundle:
     raise BundleError(f'{source}: unreadable ({e})') from e
   shapes = jax.eval_shape(lambda: init_params(cfg, jax.random.key(0)))
   params = _unflatten(flat, shapes, source)
+  for key, value in flat.items():
+    if np.issubdtype(value.dtype, np.floating) and not np.isfinite(value).all():
+      raise BundleError(f'{source}: parameter {key!r} holds {int((~np.isfinite(value)).sum())} '
+                        'non-finite values (NaN or inf); a model with them predicts nothing')
   tok = BertTokenizerFast.from_pretrained(os.path.join(path, 'tokenizer'), local_files_only=True)
   return Bundle(path, cfg, params, tok, meta['contract'], meta)

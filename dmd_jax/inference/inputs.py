@@ -16,9 +16,11 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import io
 import json
 import os
 import warnings
+import zipfile
 from typing import Any, Optional, Sequence
 
 import numpy as np
@@ -87,26 +89,36 @@ def _rows_to_samples(rows: Sequence[tuple[str, dict]], path: str) -> Samples:
   return Samples(ids, audio, vision, texts=texts, source=path)
 
 
+def _text_of(path: str) -> str:
+  """A text file's contents as UTF-8; an error names the line that is not."""
+  with open(path, 'rb') as f:
+    raw = f.read()
+  try:
+    return raw.decode('utf-8')
+  except UnicodeDecodeError as e:
+    line = raw[:e.start].count(b'\n') + 1
+    raise InputError(f'{path}, line {line}: not UTF-8 text (byte '
+                     f'{raw[e.start]:#04x} at offset {e.start}); save the file as UTF-8') from None
+
+
 def _read_jsonl(path: str) -> Samples:
   rows = []
-  with open(path, encoding='utf-8') as f:
-    for n, line in enumerate(f, 1):
-      if not line.strip():
-        continue
-      try:
-        rows.append((f'{path}, line {n}', json.loads(line)))
-      except ValueError as e:
-        raise InputError(f'{path}, line {n}: not valid JSON ({e})') from e
+  for n, line in enumerate(_text_of(path).splitlines(), 1):
+    if not line.strip():
+      continue
+    try:
+      rows.append((f'{path}, line {n}', json.loads(line)))
+    except ValueError as e:
+      raise InputError(f'{path}, line {n}: not valid JSON ({e})') from e
   return _rows_to_samples(rows, path)
 
 
 def _read_csv(path: str) -> Samples:
-  with open(path, newline='', encoding='utf-8') as f:
-    reader = csv.DictReader(f)
-    missing = [c for c in ('id', 'text', 'audio', 'vision') if c not in (reader.fieldnames or [])]
-    if missing:
-      raise InputError(f'{path}: missing column(s) {missing}; found {reader.fieldnames}')
-    rows = [(f'{path}, row {n}', dict(r)) for n, r in enumerate(reader, 2)]
+  reader = csv.DictReader(io.StringIO(_text_of(path), newline=''))
+  missing = [c for c in ('id', 'text', 'audio', 'vision') if c not in (reader.fieldnames or [])]
+  if missing:
+    raise InputError(f'{path}: missing column(s) {missing}; found {reader.fieldnames}')
+  rows = [(f'{path}, row {n}', dict(r)) for n, r in enumerate(reader, 2)]
   return _rows_to_samples(rows, path)
 
 
@@ -124,18 +136,51 @@ def _array(ref: Any, base: str, where: str, field: str) -> np.ndarray:
   full = file if os.path.isabs(file) else os.path.join(base, file)
   if not os.path.isfile(full):
     raise InputError(f'{where}, field {field!r}: file not found: {full}')
+  where = f'{where}, field {field!r}: {full}'
   try:
-    loaded = np.load(full, allow_pickle=False)
-  except (ValueError, OSError) as e:
-    raise InputError(f'{where}, field {field!r}: cannot read {full} as a numpy array without '
-                     f'pickled objects ({e})') from e
-  if isinstance(loaded, np.lib.npyio.NpzFile):
-    with loaded:
-      if key not in loaded.files:
-        raise InputError(f'{where}, field {field!r}: {full} has no array {key!r} (name one as '
-                         f'file.npz:key; it holds {loaded.files})')
-      return np.asarray(loaded[key])
-  return np.asarray(loaded)
+    if key is None and not zipfile.is_zipfile(full):
+      with open(full, 'rb') as f:
+        return _read_npy(f, where)
+    with zipfile.ZipFile(full) as z:
+      names = [n[:-4] for n in z.namelist() if n.endswith('.npy')]
+      if key not in names:
+        raise InputError(f'{where} has no array {key!r} (name one as file.npz:key; it holds '
+                         f'{names})')
+      with z.open(f'{key}.npy') as f:
+        return _read_npy(f, f'{where}:{key}')
+  except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
+    if isinstance(e, InputError):
+      raise
+    raise InputError(f'{where}: not a readable numpy array ({e})') from e
+
+
+# Frames of one feature sequence that a file may declare (contracts allow at most 500; longer
+# inputs keep their first frames): the header is checked before anything is allocated.
+MAX_FRAMES = 100_000
+
+
+def _read_npy(f, where: str) -> np.ndarray:
+  """One .npy array from an open file, its header checked first: no pickled objects, at most
+  MAX_FRAMES frames."""
+  version = np.lib.format.read_magic(f)
+  if version == (1, 0):
+    shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
+  elif version == (2, 0):
+    shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
+  else:
+    raise InputError(f'{where}: .npy format version {version} is not supported (1.0 or 2.0)')
+  if dtype.hasobject:
+    raise InputError(f'{where}: holds Python objects (dtype {dtype}), not numbers; refused '
+                     'without reading it (objects are unpickled, which can run code)')
+  if shape and shape[0] > MAX_FRAMES:
+    raise InputError(f'{where}: declares {shape[0]} frames (shape {shape}), over the limit of '
+                     f'{MAX_FRAMES}; cut it to the frames the model reads')
+  count = int(np.prod(shape, dtype=np.int64))
+  data = f.read(count * dtype.itemsize)
+  if len(data) != count * dtype.itemsize:
+    raise InputError(f'{where}: truncated (header says {shape}, the file holds less)')
+  arr = np.frombuffer(data, dtype).reshape(shape, order='F' if fortran else 'C')
+  return arr
 
 
 def _read_npz(path: str) -> Samples:

@@ -19,6 +19,7 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
+from dmd_jax import schema
 from dmd_jax.analysis.metrics import class_2, class_7
 from dmd_jax.inference import inputs
 from dmd_jax.inference.bundle import Bundle, load_bundle, write_bundle
@@ -77,6 +78,11 @@ class Predictor:
       if text.shape != want:
         raise inputs.InputError(f"{samples.source}: 'text_bert' has shape {text.shape}, "
                                 f'expected {want}')
+      problem = schema.text_bert_problem(text, self.config.bert.vocab_size)
+      if problem:
+        (i, row, pos), what = problem
+        raise inputs.InputError(f"{samples.source}: sample {samples.ids[i]!r}, field 'text_bert'"
+                                f" (row {row}, position {pos}): {what} (the bundle's encoder)")
     else:
       text = inputs.tokenize(samples.texts, self.bundle.tokenizer,
                              self.contract['text']['max_tokens'], ids=samples.ids,
@@ -95,6 +101,11 @@ class Predictor:
     host = jax.device_get([o for _, o in outs])
     result = {k: np.concatenate([h[k][:real] for (real, _), h in zip(outs, host)])
               for k in host[0]}
+    bad = ~np.isfinite(result['score'])
+    if bad.any():
+      which = [samples.ids[i] for i in np.flatnonzero(bad)[:5]]
+      raise FloatingPointError(f'{samples.source}: the model gave no finite score for '
+                               f'{int(bad.sum())} sample(s) ({which}); nothing was written')
     result['class_2'], result['class_7'] = class_2(result['score']), class_7(result['score'])
     result['id'] = list(samples.ids)
     if samples.labels is not None:
