@@ -25,7 +25,7 @@ def _minilm_dir() -> str:
 def get_config(alignment: str = 'aligned'):
   c = mosi.get_config(alignment)
   c.text_encoder = _minilm_dir()
-  c.data_dir = '/tmp/dmd_jax_demo_data'
+  c.data_dir = '~/.cache/dmd_jax/demo_data'   # per user; the synthetic data is built here once
   c.synthetic = ml_collections.ConfigDict(dict(sizes=(320, 96, 96), seed=0,
                                                weights=(1.0, 0.6, 0.3)))
   c.model.nlevels = 2

@@ -90,6 +90,15 @@ def test_a_copied_bundle_works_without_its_run(trained, tmp_path, predictor):
   card = (tmp_path / 'elsewhere' / 'README.md').read_text()
   assert f'| {SEED} (this bundle)' in card and 'COVAREP' in card
   meta = json.loads((tmp_path / 'elsewhere' / 'bundle.json').read_text())
+  # provenance: synthetic data named as such, the encoder's real sizes, the data's checksum
+  data, enc = meta['source']['data'], meta['source']['text_encoder']
+  assert 'Trained on: SYNTHETIC data in the MOSI aligned format' in card
+  assert 'not how well the model reads sentiment in real data' in card
+  assert data['synthetic'] and data['num_examples'] == {'train': 96, 'valid': 24, 'test': 20}
+  assert len(data['prepared_sha256']) == 64 and data['prepared_sha256'][:16] in card
+  bert = meta['model_config']['bert']
+  assert (enc['hidden_size'], enc['layers']) == (bert['hidden_size'], bert['num_hidden_layers'])
+  assert f"{enc['hidden_size']} wide, {enc['layers']} layers" in card
   assert meta['contract']['audio'] == {**meta['contract']['audio'], 'dim': 5, 'max_len': 50}
 
 

@@ -132,15 +132,71 @@ def best_seed(workdir: str, seeds) -> int:
   return min(results, key=lambda s: (results[s]['valid']['Loss'], s))
 
 
+def encoder_record(run, bert: BertConfig) -> dict[str, Any]:
+  """The text encoder a run trained: its name and its real sizes."""
+  name = ('a randomly initialised BERT (no pretrained weights)' if run.text_encoder == 'random'
+          else os.path.basename(os.path.normpath(str(run.text_encoder))) or run.text_encoder)
+  return {'name': name, 'path': run.text_encoder, 'hidden_size': bert.hidden_size,
+          'layers': bert.num_hidden_layers, 'heads': bert.num_attention_heads,
+          'vocab_size': bert.vocab_size}
+
+
+def data_record(run) -> dict[str, Any]:
+  """What a run trained on: the setting, whether the data is synthetic, the prepared dataset's
+  path, sizes and SHA-256 of its data files (and of its source pickle where data prep checked
+  it)."""
+  path = schema.dataset_path(run.data_dir, run.dataset, run.aligned)
+  record = {'dataset': run.dataset, 'aligned': bool(run.aligned), 'path': path,
+            'synthetic': bool(run.get('synthetic'))}
+  if record['synthetic']:
+    syn = run.synthetic
+    record['generator'] = (f'data_prep.synthetic (seed {syn.seed}, sizes '
+                           f'{tuple(syn.sizes)}): random features in the {run.dataset.upper()} '
+                           'format, not the real dataset')
+  meta = os.path.join(path, 'metadata.json')
+  if os.path.isfile(meta):
+    with open(meta) as f:
+      md = json.load(f)
+    record.update(num_examples=md.get('num_examples'), source_file=md.get('source_file'),
+                  source_sha256=md.get('source_sha256'))
+  if os.path.isdir(path):
+    h = hashlib.sha256()
+    for name in sorted(os.listdir(path)):
+      if '.array_record' in name or '.tfrecord' in name:
+        h.update(name.encode() + b'\0' + _sha256(os.path.join(path, name)).encode())
+    record['prepared_sha256'] = h.hexdigest()
+  return record
+
+
+def _describe_data(d: Mapping[str, Any]) -> str:
+  setting = f"{d['dataset'].upper()} {'aligned' if d['aligned'] else 'unaligned'}"
+  if d.get('synthetic'):
+    text = f"SYNTHETIC data in the {setting} format ({d['generator']})"
+  else:
+    text = f'{setting} ({d.get("source_file") or "prepared dataset"})'
+  n = d.get('num_examples')
+  if n:
+    text += f", {n['train']}/{n['valid']}/{n['test']} train/valid/test samples"
+  if d.get('prepared_sha256'):
+    text += f"; prepared files SHA-256 {d['prepared_sha256'][:16]}…"
+  return text
+
+
 def _card(meta: Mapping[str, Any], results: Mapping[int, dict]) -> str:
-  c = meta['contract']
+  c, enc = meta['contract'], meta['source']['text_encoder']
   lines = [
       f"# DMD model: {c['dataset'].upper()} {'aligned' if c['aligned'] else 'unaligned'}", '',
       f"Made by dmd_jax {meta['dmd_jax_version']} (commit {meta['commit']}) on "
       f"{meta['created']} from the run in `{meta['source']['workdir']}`, seed "
       f"{meta['seed']} (lowest validation L1 of the run's seeds unless chosen).", '',
-      f"Trained on: {meta['source']['data']}. Text encoder: {meta['source']['text_encoder']}.",
-      '', '## Test metrics per seed', '',
+      f"Trained on: {_describe_data(meta['source']['data'])}.", '',
+      f"Text encoder: {enc['name']} ({enc['hidden_size']} wide, {enc['layers']} layers, "
+      f"{enc['vocab_size']} word pieces).",
+      '', '## Test metrics per seed', '']
+  if meta['source']['data'].get('synthetic'):
+    lines += ['> Measured on the synthetic test split: they show that training works, not how '
+              'well the model reads sentiment in real data.', '']
+  lines += [
       '| seed | best epoch | Acc2 (non-0) | F1 (non-0) | Acc7 | MAE | Corr |',
       '|---|---|---|---|---|---|---|']
   for s, r in sorted(results.items()):
@@ -192,9 +248,8 @@ def write_bundle(workdir: str, out: str, seed: Optional[int] = None, *,
       'run_config': json.loads(run.to_json_best_effort()),
       'metrics': {str(s): {'best_epoch': r['best_epoch'], 'valid': r['valid'],
                            'test': r['test']} for s, r in results.items()},
-      'source': {'workdir': os.path.abspath(workdir), 'text_encoder': run.text_encoder,
-                 'data': f"{run.dataset} {'aligned' if run.aligned else 'unaligned'} "
-                         f"({run.data_dir})"},
+      'source': {'workdir': os.path.abspath(workdir),
+                 'text_encoder': encoder_record(run, bert), 'data': data_record(run)},
   }
   with atomic_directory(out, overwrite=overwrite) as tmp:
     save_file(_flatten(params), os.path.join(tmp, 'params.safetensors'))
