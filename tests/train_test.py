@@ -429,3 +429,24 @@ def test_one_command_at_a_time_per_run_folder(data_dir, clean_run, tmp_path):
   assert busy.returncode == 2, busy.stderr[-2000:]
   assert f'the run folder {work} is in use by pid {os.getpid()} on' in busy.stderr
   assert snapshot(work) == before
+
+
+def test_heatmap_colours_span_each_units_off_diagonal_edges(tmp_path):
+  homo = np.full((3, 3), 0.166) + np.array([[0, 1, 3], [2, 0, -1], [0, 1, 0]]) * 1e-3
+  hetero = np.array([[0, 0.2, 0.1], [0.3, 0, 0.15], [0.05, 0.2, 0]])
+  np.fill_diagonal(homo, 0.0)
+  fig = edges.heatmap_figure({'homo': {'mean': homo}, 'hetero': {'mean': hetero}}, 'seed 7')
+  panels = [ax for ax in fig.axes if ax.images]
+  off = ~np.eye(3, dtype=bool)
+  for ax, m in zip(panels, (homo, hetero)):
+    im = ax.images[0]
+    assert im.get_clim() == pytest.approx((m[off].min(), m[off].max()))
+    assert im.get_array().mask.tolist() == np.eye(3, dtype=bool).tolist()   # no edge: masked
+  assert [ax.get_ylabel() for ax in fig.axes if not ax.images] == ['mean edge weight'] * 2
+  assert fig.get_suptitle() == 'seed 7'
+  rows = [{'epoch': e, 'edges': {'train': {f'{u}/{x}/mean': 0.1 * e + (u == 'homo')
+                                           for u in edges.UNITS for x in edges.EDGE_LABELS}}}
+          for e in (1, 2, 3)]
+  paths = edges.plot_history(rows, str(tmp_path / 'h'), 'train', best_epoch=2, seed=7)
+  assert [os.path.basename(p) for p in paths] == ['h.png', 'h.svg']
+  assert 'best epoch (2)' in (tmp_path / 'h.svg').read_text()

@@ -15,6 +15,7 @@ import os
 from typing import Any, Mapping, Sequence
 
 import numpy as np
+import matplotlib
 from matplotlib.figure import Figure
 
 from dmd_jax import io as dmd_io
@@ -106,9 +107,10 @@ def _csv(rows) -> str:
 
 
 def write_export(directory: str, per_sample: Mapping[str, np.ndarray], ids: Sequence[str],
-                 cfg: DMDConfig, split: str, figures: bool = True) -> dict[str, str]:
+                 cfg: DMDConfig, split: str, figures: bool = True, title: str = ''
+                 ) -> dict[str, str]:
   """edges_<split>.npz (per sample), edges_<split>_summary.{json,csv}, heatmaps (PNG, SVG)
-  unless figures=False."""
+  unless figures=False, titled `title` (say whose parameters: seed, epoch)."""
   base = os.path.join(directory, f'edges_{split}')
   dmd_io.savez(base + '.npz', homo=per_sample['homo'], hetero=per_sample['hetero'],
                index=per_sample['index'], label=per_sample['label'], pred=per_sample['pred'],
@@ -128,7 +130,8 @@ def write_export(directory: str, per_sample: Mapping[str, np.ndarray], ids: Sequ
     rows += [[u, 'all', 'mean+prior', s] + [f'{v:.6f}' for v in summary[u]['weighted_mean'][i]]
              for i, s in enumerate(LABELS)]
   dmd_io.atomic_write(base + '_summary.csv', _csv(rows))
-  figs = (plot_heatmaps(summary, base + '_heatmap', title=f'{split}: mean edge weight')
+  figs = (plot_heatmaps(summary, base + '_heatmap', title=f'{split} split, mean over '
+                        f"{len(ids)} samples{': ' + title if title else ''}")
           if figures else [])
   result = {'npz': base + '.npz', 'summary': base + '_summary.json', 'figures': figs,
             'stats': summary}
@@ -137,38 +140,57 @@ def write_export(directory: str, per_sample: Mapping[str, np.ndarray], ids: Sequ
   return result
 
 
-def plot_heatmaps(summary: Mapping[str, Any], path_stem: str, title: str = '') -> list[str]:
-  """One labelled 3x3 heatmap per unit (rows: source, columns: target), values in the cells."""
-  fig = Figure(figsize=(8, 3.6), layout='constrained')
+def heatmap_figure(summary: Mapping[str, Any], title: str = '') -> Figure:
+  """One labelled 3x3 heatmap per unit (rows: source, columns: target), values in the cells. The
+  diagonal (no edge) is masked, and each unit's colours span its own off-diagonal values: a
+  unit's edges sit close together (HomoGD's near 1/6), and a scale from 0 would draw them as
+  one colour."""
+  fig = Figure(figsize=(8.4, 3.6), layout='constrained')
+  off = ~np.eye(3, dtype=bool)
   for ax, u in zip(fig.subplots(1, 2), UNITS):
-    m = np.asarray(summary[u]['mean'])
-    im = ax.imshow(m, cmap='viridis', vmin=0, vmax=max(float(m.max()), 1e-6))
+    m = np.asarray(summary[u]['mean'], np.float64)
+    lo, hi = float(m[off].min()), float(m[off].max())
+    if hi - lo < 1e-9:
+      lo, hi = lo - 1e-3, hi + 1e-3
+    cmap = matplotlib.colormaps['viridis'].with_extremes(bad='0.85')
+    im = ax.imshow(np.ma.masked_array(m, ~off), cmap=cmap, vmin=lo, vmax=hi)
     ax.set_xticks(range(3), [f'to {t}' for t in LABELS])
     ax.set_yticks(range(3), [f'from {s}' for s in LABELS])
     ax.set_title(f"{'HomoGD' if u == 'homo' else 'HeteroGD'}")
     for i in range(3):
       for j in range(3):
-        ax.text(j, i, '-' if i == j else f'{m[i, j]:.3f}', ha='center', va='center',
-                color='white' if m[i, j] < 0.6 * m.max() else 'black')
-    fig.colorbar(im, ax=ax, shrink=0.8)
+        ax.text(j, i, 'no edge' if i == j else f'{m[i, j]:.3f}', ha='center', va='center',
+                color='black' if i == j or m[i, j] > lo + 0.6 * (hi - lo) else 'white')
+    fig.colorbar(im, ax=ax, shrink=0.8, label='mean edge weight')
   if title:
     fig.suptitle(title)
+  return fig
+
+
+def plot_heatmaps(summary: Mapping[str, Any], path_stem: str, title: str = '') -> list[str]:
+  """`heatmap_figure` as PNG and SVG."""
+  fig = heatmap_figure(summary, title)
   return [dmd_io.savefig(fig, path_stem + ext, dpi=120) for ext in ('.png', '.svg')]
 
 
-def plot_history(rows: Sequence[Mapping[str, Any]], path_stem: str, split: str = 'train'
-                 ) -> list[str]:
-  """Per-epoch curves of the six edges, one panel per unit (the reference README's layout)."""
+def plot_history(rows: Sequence[Mapping[str, Any]], path_stem: str, split: str = 'train',
+                 best_epoch: int | None = None, seed: int | None = None) -> list[str]:
+  """Per-epoch curves of the six edges, one panel per unit (the reference README's layout), each
+  on its own y-range (HomoGD's edges move in the third decimal), the best epoch marked."""
   epochs = [r['epoch'] for r in rows]
   fig = Figure(figsize=(10, 3.8), layout='constrained')
-  axes = fig.subplots(1, 2, sharey=True)
+  axes = fig.subplots(1, 2)
   for ax, u in zip(axes, UNITS):
     for e in EDGE_LABELS:
       ax.plot(epochs, [r['edges'][split][f'{u}/{e}/mean'] for r in rows], marker='o', ms=3,
               label=e)
+    if best_epoch:
+      ax.axvline(best_epoch, color='0.4', ls='--', lw=1, label=f'best epoch ({best_epoch})')
     ax.set_title(f"{'HomoGD' if u == 'homo' else 'HeteroGD'} ({split})")
     ax.set_xlabel('epoch')
+    ax.set_ylabel('mean edge weight')
     ax.grid(alpha=0.3)
-  axes[0].set_ylabel('mean edge weight')
   axes[1].legend(loc='center left', bbox_to_anchor=(1.0, 0.5))
+  if seed is not None:
+    fig.suptitle(f'seed {seed}: edges per epoch ({split} split)')
   return [dmd_io.savefig(fig, path_stem + ext, dpi=120) for ext in ('.png', '.svg')]

@@ -250,6 +250,14 @@ def run_eval(run, workdir: str, *, log=print) -> dict[str, Any]:
   return metrics
 
 
+def _best_epoch(workdir: str, seed: int) -> str:
+  path = os.path.join(workdir, f'seed_{seed}', 'result.json')
+  if not os.path.isfile(path):
+    return ''
+  with open(path) as f:
+    return f", epoch {json.load(f).get('best_epoch')}"
+
+
 def export_edges(run, workdir: str, split: str = 'test', seed: int | None = None,
                  checkpoint: str = '', log=print) -> dict[str, Any]:
   """Per-sample edges of a split from a checkpoint (default: the best params of `seed`, the
@@ -259,7 +267,9 @@ def export_edges(run, workdir: str, split: str = 'test', seed: int | None = None
                                                                checkpoint)
   ((_, per_sample),) = evaluate(steps, params, loader)
   out = edges.write_export(os.path.join(workdir, 'edges'), per_sample,
-                           data.ids(split, per_sample['index']), cfg, split)
+                           data.ids(split, per_sample['index']), cfg, split,
+                           title=f'checkpoint {checkpoint}' if checkpoint else
+                           f"seed {seed}'s best parameters{_best_epoch(workdir, seed)}")
   for u in edges.UNITS:
     v = edges.edge_vector(np.asarray(out['stats'][u]['mean']))
     log(f'{u}: ' + ', '.join(f'{e} {x:.3f}' for e, x in zip(edges.EDGE_LABELS, v)))
