@@ -450,3 +450,24 @@ def test_heatmap_colours_span_each_units_off_diagonal_edges(tmp_path):
   paths = edges.plot_history(rows, str(tmp_path / 'h'), 'train', best_epoch=2, seed=7)
   assert [os.path.basename(p) for p in paths] == ['h.png', 'h.svg']
   assert 'best epoch (2)' in (tmp_path / 'h.svg').read_text()
+
+
+def test_a_damaged_checkpoint_is_passed_over_for_the_newest_intact_one(data_dir, clean_run,
+                                                                       tmp_path):
+  work = tmp_path / 'run'
+  shutil.copytree(clean_run, work)
+  ckpts = work / 'seed_1111' / 'checkpoints'
+  assert sorted(p.name for p in ckpts.glob('digests-*.json')) == ['digests-2.json',
+                                                                 'digests-3.json']
+  (work / 'seed_1111' / 'result.json').unlink()      # unfinished: the next command resumes it
+  victim = max((p for p in (ckpts / '3').rglob('*') if p.is_file()), key=lambda p: p.stat().st_size)
+  victim.write_bytes(np.random.default_rng(0).bytes(victim.stat().st_size))
+  said = []
+  run = smoke_config(data_dir, max_epochs=4, figures=False, bundle='')
+  experiment.run_training(run, str(work), progress=False, log=said.append)
+  assert any(f'checkpoint of epoch 3 is damaged ({ckpts}/3/{victim.relative_to(ckpts / "3")} '
+             'changed since it was saved)' in s for s in said), said
+  assert any('resumed after epoch 2' in s for s in said), said
+  assert [r['step'] for r in history(work)][-2:] == [3, 4]
+  for step in (3, 4):                                  # epoch 3 again, then 4: both intact
+    assert checkpoints.damaged(checkpoints.checkpoint_manager(str(ckpts), 2), step) is None

@@ -6,6 +6,7 @@ whole training states (`CheckpointManager`, `save_state`, `restore_state`).
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 from typing import Any, Mapping, Optional
@@ -15,7 +16,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from dmd_jax.config import BertConfig, from_run_config
-from dmd_jax.io import atomic_directory
+from dmd_jax.io import atomic_directory, atomic_write
 from dmd_jax.model import init_params
 from dmd_jax.training import run_config
 from dmd_jax.model.state_dict import load_state_dict, params_to_state_dict, state_dict_to_params
@@ -132,9 +133,52 @@ def checkpoint_manager(directory: str, keep: int) -> ocp.CheckpointManager:
 
 
 def save_state(mngr: ocp.CheckpointManager, step: int, tree, meta: Mapping[str, Any]) -> None:
+  """Saves a step and, once it is complete, the SHA-256 of its files (`digests-<step>.json`
+  beside it, what `damaged` checks at resume)."""
   mngr.save(step, args=ocp.args.Composite(**{STATE_ITEM: ocp.args.StandardSave(tree),
                                               META_ITEM: ocp.args.JsonSave(dict(meta))}))
   mngr.wait_until_finished()
+  if jax.process_index() == 0:
+    root = os.fspath(mngr.directory)
+    atomic_write(_digest_path(root, step), json.dumps(_digests(os.path.join(root, str(step)))))
+    kept = {str(s) for s in mngr.all_steps()}
+    for name in os.listdir(root):
+      if name.startswith('digests-') and name[len('digests-'):-len('.json')] not in kept:
+        os.remove(os.path.join(root, name))
+
+
+def _digest_path(root: str, step: int) -> str:
+  return os.path.join(root, f'digests-{step}.json')
+
+
+def _digests(folder: str) -> dict[str, str]:
+  out = {}
+  for base, _, names in os.walk(folder):
+    for name in names:
+      path = os.path.join(base, name)
+      h = hashlib.sha256()
+      with open(path, 'rb') as f:
+        while chunk := f.read(1 << 20):
+          h.update(chunk)
+      out[os.path.relpath(path, folder)] = h.hexdigest()
+  return dict(sorted(out.items()))
+
+
+def damaged(mngr: ocp.CheckpointManager, step: int) -> Optional[str]:
+  """What is wrong with a saved step (a file missing, changed or added since it was saved, or
+  no digests: it never finished saving), or None."""
+  root = os.fspath(mngr.directory)
+  path = _digest_path(root, step)
+  if not os.path.isfile(path):
+    return f'{root}/{step} has no digests (its save never finished)'
+  with open(path) as f:
+    want = json.load(f)
+  got = _digests(os.path.join(root, str(step)))
+  for rel in sorted(set(want) | set(got)):
+    if want.get(rel) != got.get(rel):
+      what = 'missing' if rel not in got else 'added' if rel not in want else 'changed'
+      return f'{root}/{step}/{rel} {what} since it was saved'
+  return None
 
 
 def restore_state(mngr: ocp.CheckpointManager, step: int, target):

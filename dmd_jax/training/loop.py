@@ -148,8 +148,10 @@ def train_group(run, cfg: DMDConfig, init_params: Callable[[int], Any], members:
   while any(r.active for r in runs):
     epoch += 1
     t0 = time.time()
-    last_good = ', '.join(sorted({os.path.dirname(r.latest.directory) for r in runs if r.active}))
-    where = f'epoch {epoch}; the last good state is the latest checkpoint in {last_good}'
+    last_good = ', '.join(sorted({os.fspath(r.latest.directory) for r in runs if r.active}))
+    where = (f'epoch {epoch}; the last good state is epoch {epoch - 1}\'s checkpoint in '
+             f'{last_good} (its digests verified at resume)' if epoch > 1 else
+             f'epoch {epoch}; no checkpoint was saved yet')
     active = np.asarray([r.active for r in runs])
     state, sums, count = train_epoch(steps, state, data.train, rngs, active, run.log_every,
                                      bar.step if bar else (lambda: None), where)
@@ -264,8 +266,27 @@ def train_seed(run, cfg: DMDConfig, init_params: Callable[[int], Any], data: Dat
 def _resume(runs: Sequence[_Run], states: list, data: Data) -> list:
   """Restore each active member from its latest checkpoint, all at their common epoch (a group
   killed while saving may have some members one epoch ahead: they redo it)."""
-  saved = [r.latest.all_steps() if r.active else [] for r in runs]
-  common = min((max(s) if s else 0) for s, r in zip(saved, runs) if r.active)
+  saved = [sorted(r.latest.all_steps()) if r.active else [] for r in runs]
+  # Only checkpoints whose files are as they were saved (checkpoints.damaged) count: a damaged
+  # latest one is passed over, with a warning, for the newest intact one.
+  intact = []
+  for r, steps_saved in zip(runs, saved):
+    good = []
+    for step in steps_saved:
+      problem = checkpoints.damaged(r.latest, step)
+      if problem:
+        r.out.log(f'warning: {r.member.name}: checkpoint of epoch {step} is damaged ({problem}); '
+                  'not resuming from it')
+      else:
+        good.append(step)
+    if steps_saved and not good and r.active:
+      raise ValueError(f'{r.member.name}: no intact checkpoint in {r.latest.directory} (every '
+                       'saved epoch is damaged, see the warnings); train it again with --fresh')
+    intact.append(good)
+  common = min((max(s) if s else 0) for s, r in zip(intact, runs) if r.active)
+  if any(common not in s for s, r in zip(intact, runs) if r.active and common):
+    raise ValueError(f'the members of this group have no intact checkpoint of one common epoch '
+                     f'({common}); train them again with --fresh')
   for i, (r, steps_saved) in enumerate(zip(runs, saved)):
     if not r.active or common == 0:
       continue
