@@ -67,8 +67,9 @@ def base_config(dataset: str, alignment: str) -> ml_collections.ConfigDict:
   c.early_stop = 10              # stop this many epochs after the best validation loss
   c.seeds = (1111, 1112, 1113, 1114, 1115)
   # 'together': the seeds (and sweep members) train in one compiled program, vmapped over a
-  # leading member axis that the mesh's 'seed' axis spreads over devices; each behaves exactly
-  # as if it ran alone. 'sequential': one after another.
+  # leading member axis that the mesh's 'seed' axis spreads over devices; each runs the protocol
+  # as if it ran alone (same steps up to float32 rounding: docs/training.md, reproducibility).
+  # 'sequential': one after another.
   c.seed_mode = 'together'
   c.seeds_per_program = 0        # at most this many members per program (0: all); for memory
   # Where each member's parameters, Adam moments and accumulators live: 'replicated' (whole on

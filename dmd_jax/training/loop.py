@@ -2,7 +2,8 @@
 compiled program (seeds, or the members of a hyper-parameter sweep; a group of one is a plain run).
 
 `train_group(run, cfg, init_params, members, data, ...)` trains every member in its own
-`member.workdir`, exactly as if it ran alone: per epoch all of its training batches (its own
+`member.workdir`, with the protocol it would follow alone (its steps equal up to float32
+rounding, docs/training.md): per epoch all of its training batches (its own
 seeded shuffle, the partial accumulation window of the epoch dropped), then valid and test
 metrics from the same parameters, its own ReduceLROnPlateau on the valid L1 loss, its
 best-on-valid parameters kept, its own early stop. A member that stops is frozen (its state no
