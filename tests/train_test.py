@@ -471,3 +471,19 @@ def test_a_damaged_checkpoint_is_passed_over_for_the_newest_intact_one(data_dir,
   assert [r['step'] for r in history(work)][-2:] == [3, 4]
   for step in (3, 4):                                  # epoch 3 again, then 4: both intact
     assert checkpoints.damaged(checkpoints.checkpoint_manager(str(ckpts), 2), step) is None
+
+
+@pytest.mark.parametrize('flag,said', [
+    ('--config.learning_rat=1', 'error: bad --config override: \'learning_rat\' Did you mean '
+                                '"learning_rate"'),
+    ('--config.seeds=abc', "error: config.seeds=('abc',): must be a non-empty tuple of distinct "
+                           'integers'),
+])
+def test_a_mistyped_flag_is_one_line_and_writes_nothing(tmp_path, flag, said):
+  work = tmp_path / 'w'
+  bad = subprocess.run(main_cmd(str(tmp_path / 'data'), work, flag), cwd=REPO, env=cpu_env(1),
+                       capture_output=True, text=True, timeout=300, check=False)
+  assert bad.returncode == 2 and bad.stdout == ''
+  assert bad.stderr.splitlines() == [bad.stderr.strip()] and bad.stderr.startswith(said), \
+      bad.stderr[-2000:]
+  assert not work.exists() and not (tmp_path / 'data').exists()
