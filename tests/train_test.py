@@ -3,6 +3,7 @@ after SIGKILL, the results table, eval mode, and the failure messages."""
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -353,6 +354,7 @@ def test_export_command(data_dir, clean_run):
                        capture_output=True, text=True, timeout=600, check=False)
   assert out.returncode == 0, out.stderr[-3000:]
   assert 'homo: L->V' in out.stdout
+  assert not re.search(r'^I\d{4} ', out.stderr, re.M), out.stderr[-3000:]   # no INFO chatter
   d = clean_run / 'edges'
   with np.load(d / 'edges_valid.npz') as z:
     assert z['homo'].shape == (24, 3, 3) and sorted(z['index'].tolist()) == list(range(24))
@@ -487,3 +489,9 @@ def test_a_mistyped_flag_is_one_line_and_writes_nothing(tmp_path, flag, said):
   assert bad.stderr.splitlines() == [bad.stderr.strip()] and bad.stderr.startswith(said), \
       bad.stderr[-2000:]
   assert not work.exists() and not (tmp_path / 'data').exists()
+
+
+def test_progress_bars_only_on_a_terminal():
+  from dmd_jax.training import outputs  # pylint: disable=import-outside-toplevel
+  assert not sys.stderr.isatty()                   # pytest captures it, as a redirected log
+  assert outputs._Progress(True, 3, 10).bar is None  # pylint: disable=protected-access
