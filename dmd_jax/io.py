@@ -6,6 +6,7 @@ when read."""
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import json
 import os
@@ -67,6 +68,25 @@ def savefig(fig, path: str | os.PathLike, **kwargs) -> str:
   with atomic_open(path) as f:
     fig.savefig(f, format=os.fspath(path).rsplit('.', 1)[-1], **kwargs)
   return os.fspath(path)
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+  h = hashlib.sha256()
+  with open(path, 'rb') as f:
+    while chunk := f.read(1 << 20):
+      h.update(chunk)
+  return h.hexdigest()
+
+
+def file_digests(folder: str | os.PathLike, skip: tuple[str, ...] = ()) -> dict[str, str]:
+  """SHA-256 of every file below `folder` by '/'-joined relative path (but those in `skip`)."""
+  out = {}
+  for root, _, names in os.walk(folder):
+    for name in names:
+      rel = os.path.relpath(os.path.join(root, name), folder).replace(os.sep, '/')
+      if rel not in skip:
+        out[rel] = sha256_file(os.path.join(root, name))
+  return dict(sorted(out.items()))
 
 
 @contextlib.contextmanager

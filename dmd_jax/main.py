@@ -31,8 +31,8 @@ from dmd_jax.data.batch import random_batch
 from dmd_jax.inference.bundle import write_bundle
 from dmd_jax.training import experiment
 from dmd_jax.training.optim import reference_optimizer
-from dmd_jax.training.run_config import (NOT_RESULTS, config_differences, load_run_config,
-                                         model, move_run_aside, validate_run)
+from dmd_jax.training.run_config import (model, move_run_aside, stored_for_eval,
+                                         validate_run)
 from dmd_jax.training.state import create_train_state, make_train_step
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Run configuration file (configs/*.py).',
@@ -112,29 +112,17 @@ def main(argv):
 def run_in(run, workdir: str, show) -> None:
   """The command in `workdir`, holding its lock."""
   if run.mode == 'eval':
-    experiment.run_eval(stored_for_eval(run, workdir, show), workdir, log=show)
+    stored, ignored = stored_for_eval(run, workdir)
+    if ignored:
+      show(f"eval uses the run's stored config; this command's {'; '.join(ignored)} "
+           '(stored -> command) are ignored')
+    experiment.run_eval(stored, workdir, log=show)
     return
   if _FRESH.value and jax.process_index() == 0:
     moved = move_run_aside(workdir)
     if moved:
       show(f'--fresh: moved the earlier run in {workdir} to {moved}')
   train(run, workdir, show)
-
-
-def stored_for_eval(run, workdir: str, show):
-  """The config a trained run stored in `workdir`, with this command's fields that do not
-  decide results (eval_split, checkpoint, data_dir, ...); `run` itself where none is stored."""
-  if not os.path.isfile(os.path.join(workdir, 'config.json')):
-    return run
-  stored = load_run_config(workdir)
-  ignored, _ = config_differences(stored, run)
-  if ignored:
-    show(f"eval uses the run's stored config; this command's {'; '.join(ignored)} "
-         '(stored -> command) are ignored')
-  for key in NOT_RESULTS:
-    if key in run:
-      stored[key] = run[key]
-  return stored
 
 
 def train(run, workdir: str, show) -> None:

@@ -405,13 +405,10 @@ def test_a_command_with_another_config_stops_before_writing_anything(data_dir, c
 
 def test_eval_uses_the_stored_config_and_fresh_moves_the_run_aside(data_dir, clean_run,
                                                                    tmp_path):
-  from dmd_jax import main as cli  # pylint: disable=import-outside-toplevel
-  said = []
   run = smoke_config(data_dir, mode='eval', eval_split='valid', learning_rate=0.5)
-  stored = cli.stored_for_eval(run, str(clean_run), said.append)
+  stored, ignored = run_config.stored_for_eval(run, str(clean_run))
   assert stored.learning_rate == 1e-3 and stored.eval_split == 'valid' and stored.mode == 'eval'
-  assert said == ["eval uses the run's stored config; this command's learning_rate 0.001 -> 0.5 "
-                  '(stored -> command) are ignored']
+  assert ignored == ['learning_rate 0.001 -> 0.5']
   work = tmp_path / 'run'
   shutil.copytree(clean_run, work)
   before = snapshot(work)

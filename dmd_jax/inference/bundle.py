@@ -29,7 +29,7 @@ from transformers import BertTokenizerFast
 from dmd_jax import __version__, schema
 from dmd_jax.config import BertConfig, DMDConfig, from_run_config
 from dmd_jax.data import text
-from dmd_jax.io import atomic_directory, atomic_write
+from dmd_jax.io import atomic_directory, atomic_write, file_digests, sha256_file
 from dmd_jax.model import init_params
 from dmd_jax.model.bert import resolve_bert_dir
 from dmd_jax.training import checkpoints, run_config
@@ -163,7 +163,7 @@ def data_record(run) -> dict[str, Any]:
     h = hashlib.sha256()
     for name in sorted(os.listdir(path)):
       if '.array_record' in name or '.tfrecord' in name:
-        h.update(name.encode() + b'\0' + _sha256(os.path.join(path, name)).encode())
+        h.update(name.encode() + b'\0' + sha256_file(os.path.join(path, name)).encode())
     record['prepared_sha256'] = h.hexdigest()
   return record
 
@@ -262,23 +262,9 @@ def write_bundle(workdir: str, out: str, seed: Optional[int] = None, *,
   return out
 
 
-def _sha256(path: str) -> str:
-  h = hashlib.sha256()
-  with open(path, 'rb') as f:
-    while chunk := f.read(1 << 20):
-      h.update(chunk)
-  return h.hexdigest()
-
-
 def manifest(folder: str) -> dict[str, str]:
   """SHA-256 of every file below `folder` but bundle.json, by '/'-joined relative path."""
-  out = {}
-  for root, _, names in os.walk(folder):
-    for name in names:
-      rel = os.path.relpath(os.path.join(root, name), folder).replace(os.sep, '/')
-      if rel != 'bundle.json':
-        out[rel] = _sha256(os.path.join(root, name))
-  return dict(sorted(out.items()))
+  return file_digests(folder, skip=('bundle.json',))
 
 
 def check_files(path: str, listed: Any) -> None:

@@ -6,7 +6,6 @@ whole training states (`CheckpointManager`, `save_state`, `restore_state`).
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 from typing import Any, Mapping, Optional
@@ -16,7 +15,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from dmd_jax.config import BertConfig, from_run_config
-from dmd_jax.io import atomic_directory, atomic_write
+from dmd_jax.io import atomic_directory, atomic_write, file_digests
 from dmd_jax.model import init_params
 from dmd_jax.training import run_config
 from dmd_jax.model.state_dict import load_state_dict, params_to_state_dict, state_dict_to_params
@@ -140,7 +139,7 @@ def save_state(mngr: ocp.CheckpointManager, step: int, tree, meta: Mapping[str, 
   mngr.wait_until_finished()
   if jax.process_index() == 0:
     root = os.fspath(mngr.directory)
-    atomic_write(_digest_path(root, step), json.dumps(_digests(os.path.join(root, str(step)))))
+    atomic_write(_digest_path(root, step), json.dumps(file_digests(os.path.join(root, str(step)))))
     kept = {str(s) for s in mngr.all_steps()}
     for name in os.listdir(root):
       if name.startswith('digests-') and name[len('digests-'):-len('.json')] not in kept:
@@ -149,19 +148,6 @@ def save_state(mngr: ocp.CheckpointManager, step: int, tree, meta: Mapping[str, 
 
 def _digest_path(root: str, step: int) -> str:
   return os.path.join(root, f'digests-{step}.json')
-
-
-def _digests(folder: str) -> dict[str, str]:
-  out = {}
-  for base, _, names in os.walk(folder):
-    for name in names:
-      path = os.path.join(base, name)
-      h = hashlib.sha256()
-      with open(path, 'rb') as f:
-        while chunk := f.read(1 << 20):
-          h.update(chunk)
-      out[os.path.relpath(path, folder)] = h.hexdigest()
-  return dict(sorted(out.items()))
 
 
 def damaged(mngr: ocp.CheckpointManager, step: int) -> Optional[str]:
@@ -173,7 +159,7 @@ def damaged(mngr: ocp.CheckpointManager, step: int) -> Optional[str]:
     return f'{root}/{step} has no digests (its save never finished)'
   with open(path) as f:
     want = json.load(f)
-  got = _digests(os.path.join(root, str(step)))
+  got = file_digests(os.path.join(root, str(step)))
   for rel in sorted(set(want) | set(got)):
     if want.get(rel) != got.get(rel):
       what = 'missing' if rel not in got else 'added' if rel not in want else 'changed'

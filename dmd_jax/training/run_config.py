@@ -197,3 +197,17 @@ def move_run_aside(workdir: str) -> Optional[str]:
   for name in names:
     os.replace(os.path.join(workdir, name), os.path.join(dest, name))
   return dest
+
+
+def stored_for_eval(run, workdir: str):
+  """(the config a trained run stored in `workdir` with this command's fields that do not
+  decide results (eval_split, checkpoint, data_dir, ...), the command's result fields that it
+  ignores); `run` itself where none is stored."""
+  if not os.path.isfile(os.path.join(workdir, 'config.json')):
+    return run, []
+  stored = load_run_config(workdir)
+  ignored, _ = config_differences(stored, run)
+  for key in NOT_RESULTS:
+    if key in run:
+      stored[key] = run[key]
+  return stored, ignored
