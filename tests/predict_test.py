@@ -280,3 +280,16 @@ def test_a_non_finite_score_is_an_error_never_a_class(trained):
   test = trained['data']['test']
   with pytest.raises(FloatingPointError, match=r'no finite score for 2 sample\(s\)'):
     p.predict(list(test['raw_text'][:2]), list(test['audio'][:2]), list(test['vision'][:2]))
+
+
+def test_a_small_file_declaring_millions_of_frames_is_refused_before_reading(tmp_path):
+  np.savez_compressed(tmp_path / 'long.npz', clip=np.zeros((10_000_000, 5), np.float32))
+  assert (tmp_path / 'long.npz').stat().st_size < 1_000_000       # ~200 kB on disk, 200 MB read
+  (tmp_path / 'in.csv').write_text('id,text,audio,vision\nx,hi,long.npz:clip,long.npz:clip\n')
+  with pytest.raises(inputs.InputError, match=r"sample 'x', field 'audio': .*long.npz:clip: "
+                                              'declares 10000000 frames'):
+    inputs.read_input(str(tmp_path / 'in.csv'))
+  (tmp_path / 'latin1.csv').write_bytes('id,text,audio,vision\nx,caf\u00e9,a.npy,b.npy\n'
+                                        .encode('latin-1'))
+  with pytest.raises(inputs.InputError, match=r'latin1.csv, line 2: not UTF-8 text'):
+    inputs.read_input(str(tmp_path / 'latin1.csv'))
