@@ -1,7 +1,7 @@
 """dmd_jax: Decoupled Multimodal Distilling (DMD, CVPR 2023) for emotion recognition in JAX/Flax.
 
 Stages, each a subpackage that imports only the ones before it:
-  schema, config, io  ->  data  ->  model  ->  objective  ->  analysis  ->  training  ->
+  schema, config, fileio  ->  data  ->  model  ->  objective  ->  analysis  ->  training  ->
 inference (bundles, prediction) and dev tools  ->  entry points (main, predict, bundle,
 benchmark, export_edges, import_reference). See docs/architecture.md.
 
@@ -38,17 +38,18 @@ _EXPORTS = {
     'DMD': 'model', 'BertModel': 'model', 'init_params': 'model', 'forward': 'model',
     'load_bert': 'model', 'edges_to_matrix': 'model',
     'compute_loss': 'objective', 'dmd_losses': 'objective',
-    'dummy_batch': 'data.batch', 'random_batch': 'data.batch', 'check_batch': 'data.batch',
+    'dummy_batch': 'model.batch', 'random_batch': 'model.batch', 'check_batch': 'model.batch',
     'TrainState': 'training.state', 'create_train_state': 'training.state',
     'train_step': 'training.state', 'make_train_step': 'training.state',
     'reference_optimizer': 'training.optim', 'accumulate_clipped': 'training.optim',
     'reset_window': 'training.optim', 'set_learning_rate': 'training.optim',
     'EDGE_NAMES': 'schema', 'MODALITIES': 'schema',
-    'import_reference': 'training.checkpoints', 'export_reference': 'training.checkpoints',
+    'import_reference': 'model.reference_weights',
+    'export_reference': 'model.reference_weights',
     'save_params': 'training.checkpoints', 'restore_params': 'training.checkpoints',
     'load_state_dict': 'model.state_dict',
     'Predictor': 'inference.predictor', 'load_bundle': 'inference.bundle',
-    'write_bundle': 'inference.bundle',
+    'write_bundle': 'training.export',
 }
 __all__ = sorted(_EXPORTS)
 

@@ -41,9 +41,9 @@ from absl import app, flags, logging
 import jax
 
 from dmd_jax import cli
-from dmd_jax import io
-from dmd_jax.dev import benchmark as bench
-from dmd_jax.dev.benchmark import SETTINGS
+from dmd_jax import fileio
+from dmd_jax.dev import measure
+from dmd_jax.dev.measure import SETTINGS
 
 _SETTINGS = flags.DEFINE_list('settings', list(SETTINGS), f'Settings to run, from {SETTINGS}.')
 _BATCH_SIZES = flags.DEFINE_list('batch_sizes', ['16', '32'],
@@ -92,7 +92,7 @@ def _child(setting: str) -> None:
   count = _COUNT_FLOPS.value
   if count is None:
     count = jax.devices()[0].platform != 'cpu'
-  for rec in bench.run_setting(setting, _batch_sizes(), dtype=_DTYPE.value,
+  for rec in measure.run_setting(setting, _batch_sizes(), dtype=_DTYPE.value,
                                repeats=_REPEATS.value, eval_batches=_EVAL_BATCHES.value,
                                count_flops=count, seeds=_seed_counts()):
     print('BENCH ' + json.dumps(rec), flush=True)
@@ -107,10 +107,10 @@ def main(argv):
     _child(_CHILD.value)
     return
   if _DRIFT_DIR.value:
-    table = bench.drift_table(_DRIFT_DIR.value, _DTYPE.value, _MATMUL.value)
+    table = measure.drift_table(_DRIFT_DIR.value, _DTYPE.value, _MATMUL.value)
     print(table)
     if _MARKDOWN.value:
-      io.atomic_write(_MARKDOWN.value, table + '\n')
+      fileio.atomic_write(_MARKDOWN.value, table + '\n')
     return
   unknown = [s for s in _SETTINGS.value if s not in SETTINGS]
   if unknown:
@@ -139,10 +139,10 @@ def main(argv):
         with open(_JSONL.value, 'a') as f:
           f.write(line + '\n')
     records += found
-  table = bench.markdown_table(records)
+  table = measure.markdown_table(records)
   print('\n' + table)
   if _MARKDOWN.value:
-    io.atomic_write(_MARKDOWN.value, table + '\n')
+    fileio.atomic_write(_MARKDOWN.value, table + '\n')
 
 
 if __name__ == '__main__':

@@ -12,7 +12,7 @@ from __future__ import annotations
 from absl import app, flags, logging
 
 from dmd_jax import cli
-from dmd_jax.inference.bundle import write_bundle
+from dmd_jax.training.export import write_bundle
 
 _RUN = flags.DEFINE_string('run', None, 'Workdir of a training run (python -m dmd_jax.main).')
 _OUT = flags.DEFINE_string('out', None, 'Folder to write the bundle to (must not exist).')

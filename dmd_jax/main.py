@@ -27,8 +27,8 @@ import numpy as np
 from ml_collections import config_flags
 
 from dmd_jax import cli, lock
-from dmd_jax.data.batch import random_batch
-from dmd_jax.inference.bundle import write_bundle
+from dmd_jax.model.batch import random_batch
+from dmd_jax.training.export import write_bundle
 from dmd_jax.training import experiment
 from dmd_jax.training.optim import reference_optimizer
 from dmd_jax.training.run_config import (model, move_run_aside, stored_for_eval,

@@ -21,7 +21,7 @@ from absl import app, flags, logging
 import numpy as np
 
 from dmd_jax import cli
-from dmd_jax.io import atomic_write, savez
+from dmd_jax.fileio import atomic_write, savez
 from dmd_jax.inference import inputs
 from dmd_jax.inference.predictor import Predictor
 from dmd_jax.schema import EDGE_NAMES, MODALITIES

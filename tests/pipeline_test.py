@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 import data_prep
-from dmd_jax.data import batch as batch_lib
+from dmd_jax.model import batch as batch_lib
 from dmd_jax.config import reference_config
 from dmd_jax.data.pipeline import Loader, global_batch, open_split
 from dmd_jax.schema import dataset_path

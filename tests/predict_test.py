@@ -19,7 +19,8 @@ from configs import smoke
 from dmd_jax.inference import inputs
 from safetensors.numpy import load_file, save_file
 
-from dmd_jax.inference.bundle import BundleError, load_bundle, manifest, write_bundle
+from dmd_jax.inference.bundle import BundleError, load_bundle, manifest
+from dmd_jax.training.export import write_bundle
 from dmd_jax.inference.predictor import Predictor
 from dmd_jax.training import experiment
 from dmd_jax.training.steps import evaluate

@@ -17,7 +17,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 from matplotlib.figure import Figure
 
-from dmd_jax import io
+from dmd_jax import fileio
 from dmd_jax.schema import MODALITIES, UNITS as SPACES
 
 LABELS = tuple(m.upper() for m in MODALITIES)      # L, V, A
@@ -38,7 +38,7 @@ def summarize_activations(acts: np.ndarray, top: int = 10) -> dict[str, Any]:
 def write_activations(directory: str, per_sample: Mapping[str, np.ndarray], ids: Sequence[str],
                       split: str, top: int = 10) -> dict[str, Any]:
   base = os.path.join(directory, f'dictionary_{split}')
-  io.savez(base + '.npz', homo=per_sample['dict_homo'], hetero=per_sample['dict_hetero'],
+  fileio.savez(base + '.npz', homo=per_sample['dict_homo'], hetero=per_sample['dict_hetero'],
            index=per_sample['index'], id=np.asarray(ids, dtype=str),
            modalities=np.asarray(LABELS))
   stats = {s: summarize_activations(per_sample[f'dict_{s}'], top) for s in SPACES}
@@ -49,7 +49,7 @@ def write_activations(directory: str, per_sample: Mapping[str, np.ndarray], ids:
                   'active_atoms': float(stats[s]['active'][i]),
                   'top_atoms': [{'atom': k, 'mean': round(v, 6)} for k, v in stats[s]['top'][i]]}
               for i, m in enumerate(LABELS)}
-  io.atomic_write(base + '_summary.json', json.dumps(doc, indent=1))
+  fileio.atomic_write(base + '_summary.json', json.dumps(doc, indent=1))
   figs = plot_activations(stats, base, title=f'{split}: mean dictionary activation')
   return {'npz': base + '.npz', 'summary': base + '_summary.json', 'figures': figs,
           'stats': stats}
@@ -70,4 +70,4 @@ def plot_activations(stats: Mapping[str, Any], path_stem: str, title: str = '',
     fig.colorbar(im, ax=ax, fraction=0.02)
   if title:
     fig.suptitle(title, fontsize=10)
-  return [io.savefig(fig, f'{path_stem}.{ext}') for ext in ('png', 'svg')]
+  return [fileio.savefig(fig, f'{path_stem}.{ext}') for ext in ('png', 'svg')]

@@ -18,7 +18,7 @@ import numpy as np
 import matplotlib
 from matplotlib.figure import Figure
 
-from dmd_jax import io as dmd_io
+from dmd_jax import fileio
 from dmd_jax.analysis.dictionary import write_activations
 from dmd_jax.config import DMDConfig
 from dmd_jax.model.gd_unit import edges_to_matrix
@@ -95,8 +95,8 @@ def write_history(rows: Sequence[Mapping[str, Any]], directory: str) -> None:
         table.append([r['epoch'], split, u] +
                      [r['edges'][split][f'{u}/{e}/{k}'] for k in ('mean', 'std')
                       for e in EDGE_LABELS])
-  dmd_io.atomic_write(os.path.join(directory, 'edges_history.csv'), _csv([head] + table))
-  dmd_io.atomic_write(os.path.join(directory, 'edges_history.json'),
+  fileio.atomic_write(os.path.join(directory, 'edges_history.csv'), _csv([head] + table))
+  fileio.atomic_write(os.path.join(directory, 'edges_history.json'),
                       json.dumps([{'epoch': r['epoch'], **r['edges']} for r in rows], indent=1))
 
 
@@ -112,11 +112,11 @@ def write_export(directory: str, per_sample: Mapping[str, np.ndarray], ids: Sequ
   """edges_<split>.npz (per sample), edges_<split>_summary.{json,csv}, heatmaps (PNG, SVG)
   unless figures=False, titled `title` (say whose parameters: seed, epoch)."""
   base = os.path.join(directory, f'edges_{split}')
-  dmd_io.savez(base + '.npz', homo=per_sample['homo'], hetero=per_sample['hetero'],
+  fileio.savez(base + '.npz', homo=per_sample['homo'], hetero=per_sample['hetero'],
                index=per_sample['index'], label=per_sample['label'], pred=per_sample['pred'],
                id=np.asarray(ids, dtype=str), modalities=np.asarray(LABELS))
   summary = summarize(per_sample, per_sample['label'], cfg)
-  dmd_io.atomic_write(base + '_summary.json', json.dumps(
+  fileio.atomic_write(base + '_summary.json', json.dumps(
       {'split': split, 'order': 'matrix[source, target], modalities L, V, A', **summary},
       indent=1))
   rows = [['unit', 'group', 'statistic', 'source'] + [f'to {t}' for t in LABELS]]
@@ -129,7 +129,7 @@ def write_export(directory: str, per_sample: Mapping[str, np.ndarray], ids: Sequ
                    for i, s in enumerate(LABELS)]
     rows += [[u, 'all', 'mean+prior', s] + [f'{v:.6f}' for v in summary[u]['weighted_mean'][i]]
              for i, s in enumerate(LABELS)]
-  dmd_io.atomic_write(base + '_summary.csv', _csv(rows))
+  fileio.atomic_write(base + '_summary.csv', _csv(rows))
   figs = (plot_heatmaps(summary, base + '_heatmap', title=f'{split} split, mean over '
                         f"{len(ids)} samples{': ' + title if title else ''}")
           if figures else [])
@@ -170,7 +170,7 @@ def heatmap_figure(summary: Mapping[str, Any], title: str = '') -> Figure:
 def plot_heatmaps(summary: Mapping[str, Any], path_stem: str, title: str = '') -> list[str]:
   """`heatmap_figure` as PNG and SVG."""
   fig = heatmap_figure(summary, title)
-  return [dmd_io.savefig(fig, path_stem + ext, dpi=120) for ext in ('.png', '.svg')]
+  return [fileio.savefig(fig, path_stem + ext, dpi=120) for ext in ('.png', '.svg')]
 
 
 def plot_history(rows: Sequence[Mapping[str, Any]], path_stem: str, split: str = 'train',
@@ -193,4 +193,4 @@ def plot_history(rows: Sequence[Mapping[str, Any]], path_stem: str, split: str =
   axes[1].legend(loc='center left', bbox_to_anchor=(1.0, 0.5))
   if seed is not None:
     fig.suptitle(f'seed {seed}: edges per epoch ({split} split)')
-  return [dmd_io.savefig(fig, path_stem + ext, dpi=120) for ext in ('.png', '.svg')]
+  return [fileio.savefig(fig, path_stem + ext, dpi=120) for ext in ('.png', '.svg')]

@@ -1,5 +1,5 @@
-"""Data for the model: batches in the MMSA layout (batch.py) and the input pipeline from a
-prepared dataset to per-process global batches (pipeline.py, grain; imported on use), and
-transcripts to word pieces (text.py). Turning
-MMSA pickles into prepared datasets is the top-level `data_prep` package.
+"""Data for the model: the input pipeline from a prepared dataset to per-process global batches
+(pipeline.py, grain; imported on use) and transcripts to word pieces (text.py). The batch layout
+the model reads is dmd_jax.model.batch; turning MMSA pickles into prepared datasets is the
+top-level `data_prep` package.
 """

@@ -18,7 +18,7 @@ import numpy as np
 
 from dmd_jax.config import AttentionConfig, BertConfig, reference_config
 from dmd_jax.objective import compute_loss
-from dmd_jax.training.checkpoints import import_reference
+from dmd_jax.model.reference_weights import import_reference
 
 FIXTURES = ('mosi_aligned_small', 'mosei_unaligned_small')
 

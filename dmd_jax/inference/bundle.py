@@ -6,34 +6,29 @@
     text_encoder_config.json  the text encoder's config (its weights are in params)
     README.md               the model card
 
-`write_bundle(workdir, out, seed)` makes one from a training run's best parameters;
-`load_bundle(path)` reads it back as a `Bundle`, checking the format and every file.
+`dmd_jax.training.export.write_bundle(workdir, out, seed)` makes one from a training run's best
+parameters; `load_bundle(path)` reads it back as a `Bundle`, checking the format and every file.
+Reading a bundle needs nothing of training or data preparation.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import datetime
-import hashlib
 import json
 import os
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping
 
 import jax
 import ml_collections
 import numpy as np
 from safetensors import SafetensorError
-from safetensors.numpy import load_file, save_file
+from safetensors.numpy import load_file
 from transformers import BertTokenizerFast
 
 from dmd_jax import __version__, schema
 from dmd_jax.config import BertConfig, DMDConfig, from_run_config
-from dmd_jax.data import text
-from dmd_jax.io import atomic_directory, atomic_write, file_digests, sha256_file
+from dmd_jax.fileio import file_digests
 from dmd_jax.model import init_params
-from dmd_jax.model.bert import resolve_bert_dir
-from dmd_jax.training import checkpoints, run_config
-from dmd_jax.training.experiment import git_commit
 
 FORMAT = 'dmd_jax.bundle'
 # 2: bundle.json lists every other file's SHA-256 ('files'), checked when the bundle is read.
@@ -77,7 +72,8 @@ def contract(dataset: str, aligned: bool, text_len: int = schema.TEXT_LEN) -> di
 
 # ---- parameters ---------------------------------------------------------------------------------
 
-def _flatten(params: PyTree) -> dict[str, np.ndarray]:
+def flatten_params(params: PyTree) -> dict[str, np.ndarray]:
+  """A parameter tree as {'/'-joined tree path: contiguous array} (the safetensors layout)."""
   flat = {}
   for path, leaf in jax.tree_util.tree_leaves_with_path(params):
     flat['/'.join(str(getattr(k, 'key', k)) for k in path)] = np.ascontiguousarray(
@@ -96,170 +92,10 @@ def _unflatten(flat: Mapping[str, np.ndarray], shapes: PyTree, source: str) -> P
                         f'model needs {want.dtype}{list(want.shape)}')
     return got
   params = jax.tree_util.tree_map_with_path(fill, shapes)
-  extra = set(flat) - set(_flatten(shapes))
+  extra = set(flat) - set(flatten_params(shapes))
   if extra:
     raise BundleError(f'{source}: unexpected parameters {sorted(extra)[:5]}')
   return params
-
-
-# ---- tokenizer ---------------------------------------------------------------------------------
-
-def run_vocab(run) -> str:
-  """The vocabulary a run's text was tokenized with: its text encoder's, else the default."""
-  if run.text_encoder != 'random':
-    return os.path.join(resolve_bert_dir(run.text_encoder), 'vocab.txt')
-  return text.default_vocab()
-
-
-# ---- writing -----------------------------------------------------------------------------------
-
-def _results(workdir: str, seeds) -> dict[int, dict]:
-  out = {}
-  for s in seeds:
-    path = os.path.join(workdir, f'seed_{s}', 'result.json')
-    if os.path.isfile(path):
-      with open(path) as f:
-        out[s] = json.load(f)
-  return out
-
-
-def best_seed(workdir: str, seeds) -> int:
-  """The finished seed with the lowest validation L1 (the selection the protocol allows: test
-  metrics are reported, never used to choose)."""
-  results = _results(workdir, seeds)
-  if not results:
-    raise FileNotFoundError(f'no finished seed in {workdir} (no seed_*/result.json): train first')
-  return min(results, key=lambda s: (results[s]['valid']['Loss'], s))
-
-
-def encoder_record(run, bert: BertConfig) -> dict[str, Any]:
-  """The text encoder a run trained: its name and its real sizes."""
-  name = ('a randomly initialised BERT (no pretrained weights)' if run.text_encoder == 'random'
-          else os.path.basename(os.path.normpath(str(run.text_encoder))) or run.text_encoder)
-  return {'name': name, 'path': run.text_encoder, 'hidden_size': bert.hidden_size,
-          'layers': bert.num_hidden_layers, 'heads': bert.num_attention_heads,
-          'vocab_size': bert.vocab_size}
-
-
-def data_record(run) -> dict[str, Any]:
-  """What a run trained on: the setting, whether the data is synthetic, the prepared dataset's
-  path, sizes and SHA-256 of its data files (and of its source pickle where data prep checked
-  it)."""
-  path = schema.dataset_path(run.data_dir, run.dataset, run.aligned)
-  record = {'dataset': run.dataset, 'aligned': bool(run.aligned), 'path': path,
-            'synthetic': bool(run.get('synthetic'))}
-  if record['synthetic']:
-    syn = run.synthetic
-    record['generator'] = (f'data_prep.synthetic (seed {syn.seed}, sizes '
-                           f'{tuple(syn.sizes)}): random features in the {run.dataset.upper()} '
-                           'format, not the real dataset')
-  meta = os.path.join(path, 'metadata.json')
-  if os.path.isfile(meta):
-    with open(meta) as f:
-      md = json.load(f)
-    record.update(num_examples=md.get('num_examples'), source_file=md.get('source_file'),
-                  source_sha256=md.get('source_sha256'))
-  if os.path.isdir(path):
-    h = hashlib.sha256()
-    for name in sorted(os.listdir(path)):
-      if '.array_record' in name or '.tfrecord' in name:
-        h.update(name.encode() + b'\0' + sha256_file(os.path.join(path, name)).encode())
-    record['prepared_sha256'] = h.hexdigest()
-  return record
-
-
-def _describe_data(d: Mapping[str, Any]) -> str:
-  setting = f"{d['dataset'].upper()} {'aligned' if d['aligned'] else 'unaligned'}"
-  if d.get('synthetic'):
-    text = f"SYNTHETIC data in the {setting} format ({d['generator']})"
-  else:
-    text = f'{setting} ({d.get("source_file") or "prepared dataset"})'
-  n = d.get('num_examples')
-  if n:
-    text += f", {n['train']}/{n['valid']}/{n['test']} train/valid/test samples"
-  if d.get('prepared_sha256'):
-    text += f"; prepared files SHA-256 {d['prepared_sha256'][:16]}…"
-  return text
-
-
-def _card(meta: Mapping[str, Any], results: Mapping[int, dict]) -> str:
-  c, enc = meta['contract'], meta['source']['text_encoder']
-  lines = [
-      f"# DMD model: {c['dataset'].upper()} {'aligned' if c['aligned'] else 'unaligned'}", '',
-      f"Made by dmd_jax {meta['dmd_jax_version']} (commit {meta['commit']}) on "
-      f"{meta['created']} from the run in `{meta['source']['workdir']}`, seed "
-      f"{meta['seed']} (lowest validation L1 of the run's seeds unless chosen).", '',
-      f"Trained on: {_describe_data(meta['source']['data'])}.", '',
-      f"Text encoder: {enc['name']} ({enc['hidden_size']} wide, {enc['layers']} layers, "
-      f"{enc['vocab_size']} word pieces).",
-      '', '## Test metrics per seed', '']
-  if meta['source']['data'].get('synthetic'):
-    lines += ['> Measured on the synthetic test split: they show that training works, not how '
-              'well the model reads sentiment in real data.', '']
-  lines += [
-      '| seed | best epoch | Acc2 (non-0) | F1 (non-0) | Acc7 | MAE | Corr |',
-      '|---|---|---|---|---|---|---|']
-  for s, r in sorted(results.items()):
-    t = r['test']
-    lines.append(f"| {s}{' (this bundle)' if s == meta['seed'] else ''} | {r['best_epoch']} | "
-                 f"{t['Non0_acc_2']:.4f} | {t['Non0_F1_score']:.4f} | {t['Mult_acc_7']:.4f} | "
-                 f"{t['MAE']:.4f} | {t['Corr']:.4f} |")
-  lines += ['', '## Input contract', '',
-            f"- text: a transcript string, at most {c['text']['max_tokens']} word pieces "
-            "(tokenizer/).",
-            f"- audio: (T, {c['audio']['dim']}) float array, T <= {c['audio']['max_len']}; "
-            f"{c['audio']['extractor']}.",
-            f"- vision: (T, {c['vision']['dim']}) float array, T <= {c['vision']['max_len']}; "
-            f"{c['vision']['extractor']}.",
-            f"- {c['padding']}.", f"- alignment: {c['alignment']}.",
-            f"- output: a sentiment score in [{c['label_range'][0]:g}, {c['label_range'][1]:g}].",
-            '', '## Use', '', '```bash',
-            'python -m dmd_jax.predict --bundle=THIS_FOLDER --input=samples.jsonl '
-            '--output=preds.csv', '```', '']
-  return '\n'.join(lines)
-
-
-def write_bundle(workdir: str, out: str, seed: Optional[int] = None, *,
-                 vocab: Optional[str] = None, overwrite: bool = False) -> str:
-  """A bundle of `seed`'s best parameters (default: the best seed, see `best_seed`) of the
-  training run in `workdir`, written atomically to `out`."""
-  parent = os.path.dirname(os.path.abspath(workdir))
-  own = os.path.isfile(os.path.join(workdir, 'config.json'))
-  # a sweep member's folder has its seeds but the run's config.json is one level up
-  run = run_config.load_run_config(workdir if own or not os.path.isfile(
-      os.path.join(parent, 'config.json')) else parent)
-  seed = best_seed(workdir, run.seeds) if seed is None else int(seed)
-  ckpt = os.path.join(workdir, f'seed_{seed}', 'best')
-  if not os.path.isdir(ckpt):
-    raise FileNotFoundError(f'{ckpt} not found: seed {seed} of {workdir} has no best parameters '
-                            f'(seeds of the run: {list(run.seeds)})')
-  bert = run_config.bert_config_of(run)
-  cfg = from_run_config(run, bert)
-  shapes = jax.eval_shape(lambda: init_params(cfg, jax.random.key(0)))
-  params = jax.device_get(checkpoints.restore_any(ckpt, shapes, process_local=True))
-  tok = text.tokenizer(vocab or run_vocab(run))
-  results = _results(workdir, run.seeds)
-  meta = {
-      'format': FORMAT, 'format_version': FORMAT_VERSION, 'dmd_jax_version': __version__,
-      'commit': git_commit(), 'created': datetime.datetime.now(datetime.timezone.utc)
-      .strftime('%Y-%m-%d %H:%M UTC'),
-      'seed': seed, 'contract': contract(run.dataset, run.aligned),
-      'model_config': _jsonable(dataclasses.asdict(cfg)),
-      'run_config': json.loads(run.to_json_best_effort()),
-      'metrics': {str(s): {'best_epoch': r['best_epoch'], 'valid': r['valid'],
-                           'test': r['test']} for s, r in results.items()},
-      'source': {'workdir': os.path.abspath(workdir),
-                 'text_encoder': encoder_record(run, bert), 'data': data_record(run)},
-  }
-  with atomic_directory(out, overwrite=overwrite) as tmp:
-    save_file(_flatten(params), os.path.join(tmp, 'params.safetensors'))
-    tok.save_pretrained(os.path.join(tmp, 'tokenizer'))
-    atomic_write(os.path.join(tmp, 'text_encoder_config.json'),
-                 json.dumps(dataclasses.asdict(bert), indent=1))
-    atomic_write(os.path.join(tmp, 'README.md'), _card(meta, results))
-    meta['files'] = manifest(tmp)
-    atomic_write(os.path.join(tmp, 'bundle.json'), json.dumps(meta, indent=1))
-  return out
 
 
 def manifest(folder: str) -> dict[str, str]:
@@ -284,11 +120,12 @@ def check_files(path: str, listed: Any) -> None:
     raise BundleError(f'{path}: files not in the bundle\'s manifest: {extra[:5]}')
 
 
-def _jsonable(x):
+def jsonable(x):
+  """Tuples as lists, recursively: a config as bundle.json stores it."""
   if isinstance(x, dict):
-    return {k: _jsonable(v) for k, v in x.items()}
+    return {k: jsonable(v) for k, v in x.items()}
   if isinstance(x, (list, tuple)):
-    return [_jsonable(v) for v in x]
+    return [jsonable(v) for v in x]
   return x
 
 
@@ -332,7 +169,7 @@ def load_bundle(path: str) -> Bundle:
   run = ml_collections.ConfigDict(meta['run_config'])
   run.model.kernel_sizes = tuple(run.model.kernel_sizes)
   cfg = from_run_config(run, bert)
-  if _jsonable(dataclasses.asdict(cfg)) != meta['model_config']:
+  if jsonable(dataclasses.asdict(cfg)) != meta['model_config']:
     raise BundleError(f'{path}: the model config this dmd_jax builds from the bundle differs from '
                       'the one stored in bundle.json (made by another version); bundle the run '
                       'again with this version')

@@ -8,7 +8,7 @@ bundle's input contract. Errors name the file, the sample (id, else row) and the
 - npz (`.npz`): `text` (N,) strings, `audio` (N, T, D) and `vision` (N, T, D) arrays, optional
   `id` (N,), `audio_lengths` / `vision_lengths` (N,) and `label` (N,). Read without pickle.
 - MMSA pickle (`.pkl`): one split (`split`, default test) of an MMSA feature file, read with the
-  restricted unpickler (`dmd_jax.io.load_pickle`); its token ids (`text_bert`) are used as they
+  restricted unpickler (`dmd_jax.fileio.load_pickle`); its token ids (`text_bert`) are used as they
   are, as data prep does, and audio -inf becomes 0 (the reference's rule).
 """
 
@@ -25,7 +25,7 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
-from dmd_jax import io as dmd_io
+from dmd_jax import fileio
 
 FORMATS = {'.jsonl': 'jsonl', '.csv': 'csv', '.npz': 'npz', '.pkl': 'pickle', '.pickle': 'pickle'}
 
@@ -213,8 +213,8 @@ def _read_npz(path: str) -> Samples:
 
 def _read_pickle(path: str, split: str) -> Samples:
   try:
-    data = dmd_io.load_pickle(path)
-  except dmd_io.UnsafePickleError:
+    data = fileio.load_pickle(path)
+  except fileio.UnsafePickleError:
     raise
   except Exception as e:  # pylint: disable=broad-except  (a corrupt file can raise anything)
     raise InputError(f'{path}: not a readable pickle ({type(e).__name__}: {e})') from e

@@ -1,6 +1,6 @@
 """`Predictor`: a bundle's model applied to new samples.
 
-    p = Predictor.from_bundle('bundles/mosi')          # or Predictor.from_run(workdir)
+    p = Predictor.from_bundle('bundles/mosi')   # a training run: training.export.predictor_for_run
     out = p.predict(texts, audio, vision)               # lists of str and (T, D) arrays
     out['score'], out['class_2'], out['class_7'], out['edges_homo'], out['edges_hetero']
 
@@ -11,8 +11,6 @@ fixed size (the last is zero-padded and its padding dropped), so the forward pas
 
 from __future__ import annotations
 
-import os
-import tempfile
 from typing import Any, Optional, Sequence
 
 import jax
@@ -22,7 +20,7 @@ from tqdm import tqdm
 from dmd_jax import schema
 from dmd_jax.analysis.metrics import class_2, class_7
 from dmd_jax.inference import inputs
-from dmd_jax.inference.bundle import Bundle, load_bundle, write_bundle
+from dmd_jax.inference.bundle import Bundle, load_bundle
 from dmd_jax.model import predict_step
 
 
@@ -40,15 +38,6 @@ class Predictor:
   @classmethod
   def from_bundle(cls, path: str, batch_size: int = 32) -> 'Predictor':
     return cls(load_bundle(path), batch_size)
-
-  @classmethod
-  def from_run(cls, workdir: str, seed: Optional[int] = None, *, vocab: Optional[str] = None,
-               batch_size: int = 32) -> 'Predictor':
-    """The best parameters of `seed` (default: the run's best seed) of a training run, through a
-    temporary bundle: the same code path as `from_bundle`."""
-    with tempfile.TemporaryDirectory() as tmp:
-      path = write_bundle(workdir, os.path.join(tmp, 'bundle'), seed, vocab=vocab)
-      return cls(load_bundle(path), batch_size)
 
   @property
   def compiles(self) -> int:

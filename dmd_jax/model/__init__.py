@@ -1,6 +1,7 @@
 """The network: building blocks (layers), MulT attention (plain form first, fast paths beside
 it) and transformer, the BERT text encoder, the GD-Units, DHMD's dictionary, and DMD itself with
-`init_params` and `forward`. Depends only on dmd_jax.config, dmd_jax.schema and dmd_jax.data.batch.
+`init_params` and `forward`, and the batch layout it reads (batch.py). Depends only on
+dmd_jax.config and dmd_jax.schema.
 """
 
 from dmd_jax.model.bert import BertModel, load_bert

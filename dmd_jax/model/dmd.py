@@ -19,7 +19,7 @@ import jax.numpy as jnp
 
 from dmd_jax.schema import MODALITIES, UNITS
 from dmd_jax.config import DMDConfig
-from dmd_jax.data.batch import dummy_batch
+from dmd_jax.model.batch import dummy_batch
 from dmd_jax.model import precision, target
 from dmd_jax.model.bert import BertModel
 from dmd_jax.model.dictionary import Dictionary

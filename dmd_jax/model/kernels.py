@@ -29,7 +29,7 @@ from typing import Optional
 import jax
 import jaxlib
 
-from dmd_jax.io import atomic_path
+from dmd_jax.fileio import atomic_path
 
 _SOURCE = os.path.join(os.path.dirname(__file__), 'csrc', 'attention_cpu.cc')
 _FLAGS = ('-O3', '-march=native', '-fopenmp-simd', '-std=c++17', '-shared', '-fPIC',

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 
 from dmd_jax.config import DMDConfig
-from dmd_jax.data.batch import check_batch
+from dmd_jax.model.batch import check_batch
 from dmd_jax.model import forward
 from dmd_jax.objective.dhmd import matching_losses
 from dmd_jax.objective.dmd import (cycle_loss, gd_losses, margin_loss, orthogonality_loss,

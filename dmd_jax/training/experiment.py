@@ -12,7 +12,6 @@ import io
 import itertools
 import json
 import os
-import subprocess
 from typing import Any, Mapping, Sequence
 
 import jax
@@ -23,6 +22,7 @@ from dmd_jax import schema
 from dmd_jax.analysis import edges
 from dmd_jax.analysis.metrics import METRIC_NAMES
 from dmd_jax.data.pipeline import Loader, open_split
+from dmd_jax.provenance import git_commit
 from dmd_jax.training import checkpoints
 from dmd_jax.training.loop import Data, Member, cached_steps, train_group
 from dmd_jax.training.outputs import write_json, write_predictions, write_text
@@ -30,7 +30,6 @@ from dmd_jax.training.run_config import (check_run_folder, model, setup_compile_
                                          validate_run)
 from dmd_jax.training.steps import Steps, evaluate, make_mesh, stack
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def data_path(run) -> str:
@@ -96,15 +95,6 @@ def groups(run, workdir: str) -> list[list[Member]]:
              for folder, hparams in sweep_members(run) for seed in run.seeds]
   size = 1 if run.seed_mode == 'sequential' else (run.seeds_per_program or len(members))
   return [members[i:i + size] for i in range(0, len(members), size)]
-
-
-def git_commit() -> str:
-  try:
-    out = subprocess.run(['git', 'describe', '--always', '--dirty', '--abbrev=12'], cwd=REPO,
-                         check=True, capture_output=True, text=True, timeout=10)
-    return out.stdout.strip()
-  except (OSError, subprocess.SubprocessError):
-    return 'unknown'
 
 
 def run_training(run, workdir: str, *, progress: bool = True, log=print) -> dict[str, Any]:

@@ -2,7 +2,7 @@
 (JSON lines and TensorBoard), the edge history table, the progress bar and log line, and at the
 end the predictions, the edge export of the best parameters, the history curves (unless
 `figures` is off) and result.json. Only process 0 writes; every file is written atomically
-(dmd_jax.io)."""
+(dmd_jax.fileio)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
-from dmd_jax import io
+from dmd_jax import fileio
 from dmd_jax.analysis import edges
 from dmd_jax.config import DMDConfig
 from dmd_jax.training.metric_writer import MetricWriter
@@ -30,12 +30,12 @@ def on_main_process() -> bool:
 def write_text(path: str, text: str) -> None:
   """A whole file, atomically, from process 0 only."""
   if on_main_process():
-    io.atomic_write(path, text)
+    fileio.atomic_write(path, text)
 
 
 def write_json(path: str, obj: Any) -> None:
   if on_main_process():
-    io.write_json(path, obj)
+    fileio.write_json(path, obj)
 
 
 def write_predictions(path: str, preds: Mapping[str, np.ndarray],

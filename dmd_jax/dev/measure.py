@@ -15,7 +15,7 @@ import jaxlib
 import numpy as np
 
 from dmd_jax import config as config_lib
-from dmd_jax.data.batch import random_batch
+from dmd_jax.model.batch import random_batch
 from dmd_jax.dev import parity
 from dmd_jax.model import init_params, kernels
 from dmd_jax.schema import EVAL_KEYS
