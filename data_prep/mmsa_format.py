@@ -20,7 +20,7 @@ from typing import Any, Mapping
 import numpy as np
 
 # The dataset facts (splits, lengths, widths, file names, MMSA's hashes) live in dmd_jax.schema.
-from dmd_jax import io as safe_pickle
+from dmd_jax import fileio
 from dmd_jax import schema
 from dmd_jax.schema import (AV_DIMS, AV_LENS, DATASETS, FILE_NAMES, MMSA_SHA256,  # noqa: F401
                             SPLIT_SIZES, SPLITS, TEXT_LEN, check_setting, setting_name)
@@ -76,8 +76,8 @@ def load_pickle(path: str | os.PathLike) -> dict:
   if not os.path.isfile(path):
     raise FileNotFoundError(f'MMSA pickle not found: {path}')
   try:
-    data = safe_pickle.load_pickle(path)
-  except safe_pickle.UnsafePickleError as e:
+    data = fileio.load_pickle(path)
+  except fileio.UnsafePickleError as e:
     raise MmsaFormatError(str(e)) from e
   except (EOFError, pickle.UnpicklingError, ValueError, TypeError, AttributeError,
           ImportError, IndexError, MemoryError, UnicodeDecodeError) as e:

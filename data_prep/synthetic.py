@@ -26,7 +26,7 @@ import numpy as np
 
 from data_prep import mmsa_format
 from dmd_jax.data.text import default_vocab, tokenizer  # noqa: F401  (default_vocab: API)
-from dmd_jax.io import atomic_open
+from dmd_jax.fileio import atomic_open
 
 TEXT_FEATURE_DIM = 768
 
