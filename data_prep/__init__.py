@@ -3,10 +3,11 @@
     python -m data_prep.mmsa --dataset=mosi --aligned=false --pickle=PATH --data_dir=DIR
     python -m data_prep.synthetic --dataset=mosi --aligned=false --out=PATH --sizes=64,16,16
 
-Library use: `data_prep.prepare(...)` (builder.py), `data_prep.generate(...)` /
-`data_prep.write_pickle(...)` (synthetic.py), `data_prep.load_source(...)` (mmsa_format.py).
-Names are imported on first use, so `python -m data_prep.<command>` and a plain `import data_prep`
-stay light (TFDS is only imported by the builder).
+The commands are thin: the work is done by dmd_jax.data (builder.py, mmsa_format.py,
+synthetic.py), so data_prep imports dmd_jax and never the other way. The library names are
+re-exported here: `data_prep.prepare(...)`, `data_prep.generate(...)` / `data_prep.write_pickle(...)`,
+`data_prep.load_source(...)`; they are imported on first use, so a plain `import data_prep` stays
+light (TFDS is only imported by the builder).
 """
 
 import importlib
@@ -22,5 +23,5 @@ __all__ = sorted(_EXPORTS)
 
 def __getattr__(name):
   if name in _EXPORTS:
-    return getattr(importlib.import_module(f'data_prep.{_EXPORTS[name]}'), name)
+    return getattr(importlib.import_module(f'dmd_jax.data.{_EXPORTS[name]}'), name)
   raise AttributeError(f'module {__name__!r} has no attribute {name!r}')

@@ -14,8 +14,8 @@ import sys
 from absl import app, flags, logging
 import tensorflow_datasets as tfds
 
-from data_prep import builder, mmsa_format
 from dmd_jax import cli
+from dmd_jax.data import builder, mmsa_format
 
 
 def _define_flags():

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import data_prep
-from data_prep import mmsa_format, synthetic
+from dmd_jax.data import mmsa_format, synthetic
 from dmd_jax import fileio
 from dmd_jax import lock, schema
 
@@ -389,7 +389,7 @@ def test_without_tensorflow_array_record_spills_to_disk_and_tfrecord_says_what_t
       sys.meta_path[:] = [Hide(f) for f in sys.meta_path]
       import numpy as np
       import data_prep
-      from data_prep import builder
+      from dmd_jax.data import builder
       from dmd_jax.fileio import load_pickle
       # A split beyond the memory buffer spills to disk (as MOSEI's do at the 64 MB default):
       # lowered to 4 kB here, so every split spills.
@@ -492,7 +492,7 @@ def test_a_killed_overwrite_keeps_the_old_dataset_and_the_next_run_cleans_up(pic
   before = tree(data_dir)
   script = textwrap.dedent(f"""
       import os, signal, sys
-      from data_prep import mmsa_format
+      from dmd_jax.data import mmsa_format
       real = mmsa_format.MmsaSource.example
       def example(self, split, i):   # killed half-way through writing the new version
         if split == 'valid' and i == 2:

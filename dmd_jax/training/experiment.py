@@ -17,10 +17,10 @@ from typing import Any, Mapping, Sequence
 import jax
 import numpy as np
 
-import data_prep
 from dmd_jax import schema
 from dmd_jax.analysis import edges
 from dmd_jax.analysis.metrics import METRIC_NAMES
+from dmd_jax.data import builder, synthetic
 from dmd_jax.data.pipeline import Loader, open_split
 from dmd_jax.provenance import git_commit
 from dmd_jax.training import checkpoints
@@ -43,12 +43,12 @@ def data_path(run) -> str:
     pkl = os.path.join(os.path.expanduser(run.data_dir), 'synthetic',
                        f"{schema.setting_name(run.dataset, run.aligned)}.pkl")
     if not os.path.exists(pkl) and jax.process_index() == 0:
-      data_prep.write_pickle(data_prep.generate(
+      synthetic.write_pickle(synthetic.generate(
           run.dataset, run.aligned, tuple(syn.sizes), seed=syn.seed,
           weights=tuple(syn.weights), text_features=False), pkl)
     if jax.process_index() == 0:
       try:
-        data_prep.prepare(pkl, run.dataset, run.aligned, run.data_dir, check_sha256=False)
+        builder.prepare(pkl, run.dataset, run.aligned, run.data_dir, check_sha256=False)
       except FileExistsError:   # prepared by another run while this one waited for it
         if not os.path.isfile(os.path.join(path, 'dataset_info.json')):
           raise

@@ -1,6 +1,6 @@
 """TFDS builder for the MMSA pickles of CMU-MOSI / CMU-MOSEI, and `prepare`, which runs it safely.
 
-    from data_prep import prepare
+    from dmd_jax.data.builder import prepare
     prepare('MOSI/Processed/unaligned_50.pkl', 'mosi', aligned=False, data_dir='~/tfds')
     # -> ~/tfds/mmsa/mosi_unaligned/1.0.0/{mmsa-train.array_record-00000-of-00001, ...}
 
@@ -20,9 +20,9 @@ import numpy as np
 import tensorflow_datasets as tfds
 from tensorflow_datasets.core import shuffle as tfds_shuffle
 
-from data_prep import mmsa_format
+from dmd_jax.data import mmsa_format
 from dmd_jax import lock, schema
-from data_prep.mmsa_format import MmsaSource
+from dmd_jax.data.mmsa_format import MmsaSource
 
 FILE_FORMATS = ('array_record', 'tfrecord')
 VERSION = schema.DATASET_VERSION
