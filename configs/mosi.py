@@ -8,10 +8,30 @@ Data: the prepared dataset DATA_DIR/mmsa/mosi_<alignment>/1.0.0 (python -m data_
 """
 
 import dataclasses
+import typing
 
 import ml_collections
 
-from dmd_jax.config import reference_config
+from dmd_jax.config import run_model_fields
+
+
+def config_dict(values) -> ml_collections.ConfigDict:
+  """A dataclass instance (or a dict of values) as a ConfigDict, nested dataclasses included. A
+  field whose value is None keeps its annotated type, so that --config.x=... can set it."""
+  if dataclasses.is_dataclass(values):
+    hints = typing.get_type_hints(type(values))
+    values = {f.name: getattr(values, f.name) for f in dataclasses.fields(values)}
+  else:
+    hints = {}
+  out = {}
+  for name, value in values.items():
+    if dataclasses.is_dataclass(value):
+      value = config_dict(value)
+    elif value is None:
+      kinds = [t for t in typing.get_args(hints.get(name)) if t is not type(None)]
+      value = ml_collections.FieldReference(None, field_type=kinds[0] if kinds else str)
+    out[name] = value
+  return ml_collections.ConfigDict(out)
 
 
 def get_config(alignment: str = 'aligned') -> ml_collections.ConfigDict:
@@ -23,7 +43,6 @@ def base_config(dataset: str, alignment: str) -> ml_collections.ConfigDict:
   every model field below can be overridden with --config.model.<field>=...)."""
   if alignment not in ('aligned', 'unaligned'):
     raise ValueError(f"config argument must be 'aligned' or 'unaligned', got {alignment!r}")
-  ref = reference_config(dataset, alignment == 'aligned')
   c = ml_collections.ConfigDict()
   c.dataset = dataset                   # 'mosi' or 'mosei'
   c.aligned = alignment == 'aligned'    # aligned_50.pkl (lengths 50/50/50) or unaligned_50.pkl
@@ -35,29 +54,14 @@ def base_config(dataset: str, alignment: str) -> ml_collections.ConfigDict:
       vocab_size=30522, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
       intermediate_size=3072))
 
-  m = c.model = ml_collections.ConfigDict()
-  m.d = ref.d                    # dst_feature_dim: width of every projection
-  m.num_heads = ref.num_heads    # attention heads in every transformer
-  m.nlevels = ref.nlevels        # transformer depth
-  m.kernel_sizes = ref.kernel_sizes      # temporal Conv1d kernels (l, a, v)
-  m.attn_dropout = ref.attn_dropout      # transformers l/al/vl and the *_mem ones
-  m.attn_dropout_a = ref.attn_dropout_a  # transformers a/la/va
-  m.attn_dropout_v = ref.attn_dropout_v  # transformers v/lv/av
-  m.relu_dropout = ref.relu_dropout      # after the FFN ReLU
-  m.embed_dropout = ref.embed_dropout    # on the scaled, position-embedded transformer inputs
-  m.res_dropout = ref.res_dropout        # before each residual add
-  m.output_dropout = ref.output_dropout  # inside every residual prediction head
-  m.text_dropout = ref.text_dropout      # on the BERT output
-  m.attn_mask = ref.attn_mask            # offset causal masks in every transformer
-  m.dropout_rng = ref.dropout_rng        # 'hash': fast counter-based masks; 'threefry': JAX's
-  m.compute_dtype = ref.compute_dtype    # 'bfloat16': bf16 matmuls, float32 params/losses
-  # float32 matmuls on TPU/GPU: 'float32' (true float32, the reference's arithmetic) or
-  # 'default' (the chip's native speed: one bf16 pass on TPU, TF32 on NVIDIA); docs/tpu.md
-  m.matmul_precision = ref.matmul_precision
-  # How attention and layer stacks are computed (same values either way; AttentionConfig):
-  # impl 'fast' | 'plain', head_loop / native 'auto' | 'on' | 'off', layer_loop 'auto' | 'scan'
-  # | 'unroll'.
-  m.attention = ml_collections.ConfigDict(dataclasses.asdict(ref.attention))
+  # The model: every field of dmd_jax.config.DMDConfig but the ones the lines above decide
+  # (dataset, alignment, input sizes, text encoder), at the released values for this dataset,
+  # which live there and only there. Set any with --config.model.<field>=..., e.g. d, num_heads,
+  # nlevels, kernel_sizes, the dropout rates, the loss weights (gd_weight, decouple_weight,
+  # margin_ort_weight, margin_scale), the GD-Units (gd_size_homo, gd_prior_homo, ...),
+  # dropout_rng, compute_dtype, matmul_precision ('float32' or 'default', docs/tpu.md) and
+  # attention.* (how attention and layer stacks are computed; the same values either way).
+  c.model = config_dict(run_model_fields(dataset, alignment == 'aligned'))
 
   c.batch_size = 16              # reference batch size (train/valid/test)
   c.learning_rate = 1e-4         # Adam, one rate for every parameter (BERT included)
@@ -92,7 +96,7 @@ def base_config(dataset: str, alignment: str) -> ml_collections.ConfigDict:
 
   c.data_dir = '~/tensorflow_datasets'   # holds mmsa/<dataset>_<alignment>/1.0.0 (data_prep.mmsa)
   c.synthetic = None             # a ConfigDict(sizes, seed, weights) builds synthetic data if absent
-  c.mode = 'train'               # 'train', 'eval' or 'smoke'
+  c.mode = 'train'               # dmd_jax.training.run_config.MODES: 'train', 'eval', 'smoke'
   c.eval_split = 'test'          # split written by mode=eval
   c.checkpoint = ''              # params dir for mode=eval (default: workdir/seed_<first>/best)
   c.log_every = 20               # train steps between device->host metric fetches

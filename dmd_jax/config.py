@@ -5,10 +5,10 @@ copied into the frozen dataclasses below (`DMDConfig`, `BertConfig`) at the mode
 modules are hashable, jit-static and validated once.
 
 Reference values come from the released `config/config.json` and `run.py` of the PyTorch code
-(spec §1.4). Modality order inside the GD-Units is always (l, v, a); feature tuples use the MMSA
-order (t, a, v) (dmd_jax.schema). How the network is computed (attention paths, layer loops,
-precision, dropout generator) is part of the config too, so it is part of every compiled
-function's cache key.
+(spec §1.4). Modality order inside the GD-Units is always `schema.MODALITIES` (l, v, a); feature
+tuples use the MMSA order `schema.FEATURE_ORDER` (l, a, v). How the network is computed
+(attention paths, layer loops, precision, dropout generator) is part of the config too, so it is
+part of every compiled function's cache key.
 """
 
 from __future__ import annotations
@@ -267,7 +267,7 @@ class DMDConfig:
     if self.feature_dims[0] != self.bert.hidden_size:
       fail('feature_dims', f'text width {self.feature_dims[0]} != text encoder hidden_size '
            f'{self.bert.hidden_size}')
-    for m, t, k in zip('lav', self.seq_lens, self.kernel_sizes):
+    for m, t, k in zip(schema.FEATURE_ORDER, self.seq_lens, self.kernel_sizes):
       if t - k + 1 <= 0:
         fail('kernel_sizes', f'kernel {k} of modality {m} is longer than its sequence ({t})')
     for name in ('gd_prior_homo', 'gd_prior_hetero'):
@@ -288,15 +288,16 @@ class DMDConfig:
   @property
   def conv_lens(self) -> dict[str, int]:
     """T'_m = T_m - k_m + 1 per modality, keyed 'l', 'a', 'v'."""
-    return {m: t - k + 1 for m, t, k in zip('lav', self.seq_lens, self.kernel_sizes)}
+    return {m: t - k + 1
+            for m, t, k in zip(schema.FEATURE_ORDER, self.seq_lens, self.kernel_sizes)}
 
   @property
   def input_dims(self) -> dict[str, int]:
-    return dict(zip('lav', self.feature_dims))
+    return dict(zip(schema.FEATURE_ORDER, self.feature_dims))
 
   @property
   def kernels(self) -> dict[str, int]:
-    return dict(zip('lav', self.kernel_sizes))
+    return dict(zip(schema.FEATURE_ORDER, self.kernel_sizes))
 
   def without_dropout(self) -> 'DMDConfig':
     """The same network with every dropout rate at zero (the parity fixtures' setting)."""
@@ -345,19 +346,31 @@ def reference_config(dataset: str = 'mosi', aligned: bool = True,
   return DMDConfig(**kw)
 
 
-_RUN_MODEL_KEYS = ('d', 'num_heads', 'nlevels', 'kernel_sizes', 'attn_mask',
-                   'dropout_rng', 'compute_dtype', 'matmul_precision', 'dictionary',
-                   'attention') + DROPOUT_FIELDS
+# DMDConfig fields that a run config does not set under `model`: the dataset and alignment are
+# run fields, the input sizes follow from them and from the text encoder (`text_encoder`), and
+# DHMD's dictionary is a block of its own (configs/mosi_dhmd.py). Every other field is a key of
+# `config.model` (configs/mosi.py makes them from `run_model_fields`).
+RUN_DERIVED_FIELDS = ('dataset', 'aligned', 'feature_dims', 'seq_lens', 'bert')
+
+
+def run_model_fields(dataset: str, aligned: bool) -> dict[str, Any]:
+  """The released value of every `config.model` field for `dataset` and alignment (the
+  `AttentionConfig` as a dataclass); the one source of the run configs' model values."""
+  ref = reference_config(dataset, aligned)
+  return {f.name: getattr(ref, f.name) for f in dataclasses.fields(DMDConfig)
+          if f.name not in RUN_DERIVED_FIELDS + ('dictionary',)}
 
 
 def from_run_config(run: Mapping[str, Any], bert: BertConfig) -> DMDConfig:
   """The `DMDConfig` of a run config (`configs/*.py`): dataset, alignment and `model.*` fields,
-  with the text encoder's `BertConfig`. Unknown `model` keys are rejected by name."""
+  with the text encoder's `BertConfig`; fields it lacks keep their released values. Unknown
+  `model` keys are rejected by name."""
   model = dict(run['model'])
-  unknown = sorted(set(model) - set(_RUN_MODEL_KEYS))
+  known = [f.name for f in dataclasses.fields(DMDConfig) if f.name not in RUN_DERIVED_FIELDS]
+  unknown = sorted(set(model) - set(known))
   if unknown:
-    raise ValueError(f'config.model has unknown key(s) {unknown}; known: {list(_RUN_MODEL_KEYS)}')
-  model['kernel_sizes'] = tuple(model['kernel_sizes'])
+    raise ValueError(f'config.model has unknown key(s) {unknown}; known: {known}')
+  model = {k: tuple(v) if isinstance(v, list) else v for k, v in model.items()}
   if model.get('dictionary') is not None:
     model['dictionary'] = DictionaryConfig.from_dict(dict(model['dictionary']))
   if model.get('attention') is not None:

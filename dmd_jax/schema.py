@@ -2,9 +2,10 @@
 widths, file names and hashes, where a prepared dataset lives), the modality and edge orders, and
 the batch keys. Plain Python and numpy: data preparation imports it without JAX.
 
-Two modality orders exist and both are the reference's: MMSA files and `DMDConfig.feature_dims` /
-`seq_lens` list text, audio, vision (`FEATURE_ORDER`); the GD-Units' nodes and every per-modality
-output list language, vision, audio (`MODALITIES`).
+Two modality orders exist and both are the reference's, each defined here once and used by name
+everywhere: MMSA files and `DMDConfig.feature_dims` / `seq_lens` / `kernel_sizes` list language
+(text), audio, vision (`FEATURE_ORDER`); the GD-Units' nodes and every per-modality output list
+language, vision, audio (`MODALITIES`). Language is 'l' in both.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import numpy as np
 
 DATASETS = ('mosi', 'mosei')
 SPLITS = ('train', 'valid', 'test')
-FEATURE_ORDER = ('t', 'a', 'v')          # MMSA files, feature_dims and seq_lens
+FEATURE_ORDER = ('l', 'a', 'v')          # MMSA files (text, audio, vision), feature_dims, seq_lens
 TEXT_LEN = 50                            # BERT word pieces per utterance (rows of `text_bert`)
 # MMSA's `text_bert` holds word pieces of bert-base-uncased (ids < 30522); rows: ids, attention
 # mask, segment ids.

@@ -2,6 +2,7 @@
 imports only for optional dependencies, and no module creates a device array at import time."""
 
 import ast
+import itertools
 import pathlib
 import subprocess
 import sys
@@ -155,3 +156,15 @@ def test_prediction_imports_nothing_of_training_or_data_preparation():
   res = subprocess.run([sys.executable, '-c', code], cwd=REPO, capture_output=True, text=True,
                        timeout=300, check=True)
   assert res.stdout.strip() == '[]', res.stdout
+
+
+def test_modality_orders_are_named_not_spelled():
+  """The two modality orders (schema.FEATURE_ORDER, schema.MODALITIES) are written once: no
+  other module spells an order as a string such as 'lav' or 'lva'."""
+  orders = {''.join(p) for letters in ('lav', 'tav') for p in itertools.permutations(letters)}
+  found = []
+  for name, path in _modules():
+    for node in ast.walk(ast.parse(path.read_text())):
+      if isinstance(node, ast.Constant) and node.value in orders:
+        found.append(f'{name}:{node.lineno} {node.value!r}')
+  assert not found, found

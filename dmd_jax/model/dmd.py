@@ -132,7 +132,7 @@ class DMD(nn.Module):
           out[f'dict_logit_scale_{space}'] = dico.variables['params']['logit_scale']
         fused[space] = {m: Linear(width, name=f'dict_fuse_{space}_{m}')(
             jnp.concatenate([feats[m], emb[:, i].astype(feats[m].dtype)], axis=-1))
-            for i, m in enumerate('lva')}
+            for i, m in enumerate(MODALITIES)}
       fuse_h = fused['hetero']
       fuse_c = jnp.concatenate([fused['homo'][m] for m in MODALITIES], axis=-1)
 

@@ -5,6 +5,7 @@ run's workdir. Nothing past this module sees a ConfigDict's model fields.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -13,13 +14,13 @@ from typing import Any, Mapping, Optional
 import jax
 import ml_collections
 
-from dmd_jax.config import BertConfig, DMDConfig, from_run_config
+from dmd_jax.config import BertConfig, DMDConfig, from_run_config, run_model_fields
 from dmd_jax.model import init_params
 from dmd_jax.model.bert import load_bert, resolve_bert_dir
 from dmd_jax.objective import LOSS_WEIGHTS
 from dmd_jax.training.steps import LAYOUTS
 
-MODES = ('train', 'eval')
+MODES = ('train', 'eval', 'smoke')   # the one list of modes (configs/mosi.py names it)
 SEED_MODES = ('together', 'sequential')
 SWEEPABLE = ('learning_rate',) + LOSS_WEIGHTS
 
@@ -153,11 +154,23 @@ def as_plain(run: Mapping[str, Any]) -> dict[str, Any]:
   return json.loads(json.dumps(run))
 
 
+def _with_model_defaults(plain: dict[str, Any]) -> dict[str, Any]:
+  """A stored run config with the `model` fields it lacks at their released values (a run
+  stored by an older version that listed fewer model fields decides the same model)."""
+  if 'dataset' not in plain or 'aligned' not in plain or not isinstance(plain.get('model'), dict):
+    return plain
+  defaults = json.loads(json.dumps(
+      {k: dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v
+       for k, v in run_model_fields(plain['dataset'], bool(plain['aligned'])).items()}))
+  return dict(plain, model={**defaults, **plain['model']})
+
+
 def config_differences(stored: Mapping[str, Any], run: Mapping[str, Any]
                        ) -> tuple[list[str], list[str]]:
   """(fields deciding results, other fields) in which `run` differs from `stored`, each as
   'field stored -> now'."""
-  a, b = _flat(as_plain(stored)), _flat(as_plain(run))
+  a = _flat(_with_model_defaults(as_plain(stored)))
+  b = _flat(_with_model_defaults(as_plain(run)))
   results, others = [], []
   for key in sorted(set(a) | set(b)):
     if a.get(key, '<absent>') == b.get(key, '<absent>'):
