@@ -19,53 +19,22 @@ from __future__ import annotations
 
 import contextlib
 import os
-import time
 
 from absl import app, flags, logging
 import jax
-import numpy as np
 from ml_collections import config_flags
 
 from dmd_jax import cli, lock
-from dmd_jax.model.batch import random_batch
 from dmd_jax.training.export import write_bundle
 from dmd_jax.training import experiment
-from dmd_jax.training.optim import reference_optimizer
-from dmd_jax.training.run_config import (model, move_run_aside, stored_for_eval,
-                                         validate_run)
-from dmd_jax.training.state import create_train_state, make_train_step
+from dmd_jax.training.train import smoke
+from dmd_jax.training.run_config import move_run_aside, stored_for_eval, validate_run
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Run configuration file (configs/*.py).',
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints, logs and results.')
 _FRESH = flags.DEFINE_bool('fresh', False, 'Move a run already in --workdir aside (into '
                            'WORKDIR.replaced-<time>) and train from scratch.')
-
-
-def smoke(run) -> dict[str, float]:
-  """A few accumulated train steps on random inputs of the configuration's shapes."""
-  cfg, init = model(run)
-  tx = reference_optimizer(run.learning_rate, run.update_epochs, run.grad_clip)
-  state = create_train_state(init(0), tx)
-  step = make_train_step(cfg)
-  batch = random_batch(cfg, run.batch_size)
-  key = jax.random.key(0)
-  t0 = time.perf_counter()
-  state, metrics = step(state, batch, key)
-  jax.block_until_ready(metrics)
-  compile_s = time.perf_counter() - t0
-  t0 = time.perf_counter()
-  for _ in range(run.smoke_steps - 1):
-    state, metrics = step(state, batch, key)
-  metrics = jax.device_get(metrics)
-  per_step = (time.perf_counter() - t0) / max(run.smoke_steps - 1, 1)
-  losses = {k: float(v) for k, v in metrics.items() if np.ndim(v) == 0}
-  if not all(np.isfinite(v) for v in losses.values()):
-    raise FloatingPointError(f'non-finite loss in smoke run: {losses}')
-  print(f'first step (compile + run) {compile_s:.1f}s; then {per_step:.3f}s per micro-step at '
-        f'batch {run.batch_size}; {int(state.step)} micro-steps, window {run.update_epochs}')
-  print('losses: ' + ', '.join(f'{k}={v:.4f}' for k, v in losses.items()))
-  return losses
 
 
 def start_distributed(run) -> None:

@@ -13,13 +13,14 @@ import sys
 import time
 
 import jax
+from jax.sharding import Mesh
 import numpy as np
 import pytest
 
 import dmd_jax
 from configs import smoke
 from helpers import cpu_env, seed_outputs, synthetic_data_dir
-from dmd_jax.training import checkpoints, experiment, loop, run_config
+from dmd_jax.training import checkpoints, experiment, group as group_lib, run_config, train
 from dmd_jax.training.steps import Steps, make_mesh, member, stack
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -77,7 +78,7 @@ def test_seeds_together_equal_sequential_runs(together_and_sequential):
     (r_t, h_t, p_t), (r_s, h_s, p_s) = seed_outputs(w_t, seed), seed_outputs(w_s, seed)
     # the seed axis spread over device groups against one seed at a time on all 8 devices
     assert r_t['program'] == {'members': 4, 'mesh': {'seed': 4, 'data': 2}}
-    assert r_s['program'] == {'members': 1, 'mesh': {'seed': 1, 'data': 8}}
+    assert r_s['program'] == {'members': 1, 'mesh': {'data': 8}}    # the single-run program
     assert r_t['best_epoch'] == r_s['best_epoch'] and r_t['epochs'] == r_s['epochs'] == 2
     assert len(h_t) == len(h_s) == r_t['epochs']
     for a, b in zip(h_t, h_s):                    # per-epoch losses and metrics
@@ -136,29 +137,28 @@ def test_a_member_in_a_group_steps_as_alone_and_a_finished_one_stays_frozen(
     data_dir, together_and_sequential):
   """Four members (the first finished) against member 1 alone, through one accumulation window
   (a micro-step, then the Adam update). The programs are the ones the runs above compiled (the
-  group's (seed 4, data 2) mesh and the single seed's (1, 8) mesh), reused from this process."""
+  group's (seed 4, data 2) mesh and the single run's 8-device mesh), reused from this process."""
   run = _run(data_dir)
   cfg, init = run_config.model(run)
-  tx = loop.cached_optimizer(run.learning_rate, run.update_epochs, run.grad_clip)
-  group = loop.cached_steps(Steps, cfg, make_mesh(jax.devices(), len(SEEDS)))
-  one = loop.cached_steps(Steps, cfg, make_mesh(jax.devices(), 1))
+  tx = train.cached_optimizer(run.learning_rate, run.update_epochs, run.grad_clip)
+  group = group_lib.cached_steps(Steps, cfg, make_mesh(jax.devices(), len(SEEDS)))
+  one = train.cached_run_steps(cfg, Mesh(np.asarray(jax.devices()), ('data',)))
   traced = dict(group.traces), dict(one.traces)
   batches = [[{k: np.asarray(v) for k, v in dmd_jax.random_batch(cfg, 8, seed=10 * s + t).items()}
               for s in range(len(SEEDS))] for t in range(run.update_epochs)]
   state = group.put_members(stack([dmd_jax.create_train_state(init(s), tx)
                                    for s in range(len(SEEDS))]))
-  alone = one.put_members(stack([dmd_jax.create_train_state(init(1), tx)]))
+  alone = jax.device_put(dmd_jax.create_train_state(init(1), tx), one.replicated)
+  alone_key = jax.device_put(jax.random.key(np.uint32(1)), one.replicated)
   active = group.put_members(np.array([False] + [True] * (len(SEEDS) - 1)))
   before = jax.device_get(state)
   keys = group.keys(np.arange(len(SEEDS), dtype=np.uint32))
   for t, per_member in enumerate(batches):
     state, metrics = group.train(state, group.put(stack(per_member)), keys, active)
     # member 1 takes the step it takes alone (its own key, batch and initialisation)
-    alone, alone_metrics = one.train(alone, one.put(stack(per_member[1:2])),
-                                     one.keys(np.array([1], np.uint32)),
-                                     one.put_members(np.array([True])))
+    alone, alone_metrics = one.train(alone, one.put(per_member[1]), alone_key)
     for k, v in alone_metrics.items():          # losses to float32 rounding; edge statistics
-      got, want = np.asarray(metrics[k])[1], np.asarray(v)[0]   # to the rounding of their scale
+      got, want = np.asarray(metrics[k])[1], np.asarray(v)      # to the rounding of their scale
       np.testing.assert_allclose(got, want, rtol=STEP_RTOL if want.ndim == 0 else 0,
                                  atol=0 if want.ndim == 0 else 1e-5 * np.max(np.abs(want)),
                                  err_msg=f'step {t + 1}: {k}')
@@ -166,8 +166,8 @@ def test_a_member_in_a_group_steps_as_alone_and_a_finished_one_stays_frozen(
   after = jax.device_get(state)
   for a, b in zip(jax.tree.leaves(member(before, 0)), jax.tree.leaves(member(after, 0))):
     np.testing.assert_array_equal(a, b)                # frozen: bit for bit
-  mu_group, mu_alone = (member(s.opt_state.inner.inner_state[0].mu, i)
-                        for s, i in ((after, 1), (jax.device_get(alone), 0)))
+  mu_group = member(after.opt_state.inner.inner_state[0].mu, 1)
+  mu_alone = jax.device_get(alone).opt_state.inner.inner_state[0].mu
   assert any(np.any(m) for m in jax.tree.leaves(mu_alone))   # the window closed: Adam moved
   for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(mu_group),
                           jax.tree.leaves(mu_alone)):
@@ -249,12 +249,12 @@ def test_interrupted_group_resumes_exactly_and_finished_members_are_not_retraine
           raise KeyboardInterrupt('simulated kill')
       args = args[:-2] + (on_step,) + args[-1:]
     return real(*args)
-  real = loop.train_epoch
-  monkeypatch.setattr(loop, 'train_epoch', interrupted)
+  real = group_lib.train_epoch
+  monkeypatch.setattr(group_lib, 'train_epoch', interrupted)
   with pytest.raises(KeyboardInterrupt):
     experiment.run_training(_sweep_run(data_dir), str(tmp_path), progress=False,
                             log=lambda *_: None)
-  monkeypatch.setattr(loop, 'train_epoch', real)
+  monkeypatch.setattr(group_lib, 'train_epoch', real)
   finished = tmp_path / 'learning_rate=0' / 'seed_1111' / 'result.json'
   assert finished.exists() and not (tmp_path / 'learning_rate=0.0001' / 'seed_1111' /
                                     'result.json').exists()
@@ -330,7 +330,7 @@ def test_demo_member_first_step_beside_another_equals_its_step_alone():
   run.update_epochs = 2          # the first micro-step accumulates its gradient; no Adam step yet
   cfg, init = run_config.model(run)
   assert cfg.has_dropout
-  tx = loop.cached_optimizer(run.learning_rate, run.update_epochs, run.grad_clip)
+  tx = train.cached_optimizer(run.learning_rate, run.update_epochs, run.grad_clip)
   mine, other = ({k: np.asarray(v) for k, v in dmd_jax.random_batch(cfg, 16, seed=s).items()}
                  for s in (1, 2))
 

@@ -13,6 +13,7 @@ import textwrap
 import time
 
 import jax
+from jax.sharding import Mesh
 import numpy as np
 import pytest
 
@@ -20,9 +21,8 @@ from configs import smoke
 import dmd_jax
 from helpers import cpu_env
 from dmd_jax.analysis import edges
-from dmd_jax.training import checkpoints, experiment, loop, optim, run_config
+from dmd_jax.training import checkpoints, experiment, inputs, optim, run_config, train
 from dmd_jax.training.checkpoints import save_params
-from dmd_jax.training.steps import Steps, make_mesh, member, stack
 from dmd_jax.data.pipeline import Loader, open_split
 from dmd_jax.schema import dataset_path
 
@@ -57,17 +57,16 @@ def test_8_devices_match_1_device(data_dir):
   batches = [b for _, b in zip(range(4), loader)]
   results = []
   for devices in (jax.devices(), jax.devices()[:1]):
-    steps = Steps(cfg, make_mesh(devices))      # a group of one member: plain data parallelism
+    steps = train.RunSteps(cfg, Mesh(np.asarray(devices), ('data',)))   # a single run
     tx = optim.reference_optimizer(run.learning_rate, run.update_epochs, run.grad_clip)
-    state = steps.put_members(stack([dmd_jax.create_train_state(init(0), tx)]))
-    rng, active = steps.keys(np.zeros(1, np.uint32)), steps.put_members(np.ones(1, bool))
+    state = jax.device_put(dmd_jax.create_train_state(init(0), tx), steps.replicated)
+    rng = jax.device_put(jax.random.key(np.uint32(0)), steps.replicated)
     losses = []
     for i, b in enumerate(batches):
-      state, metrics = steps.train(state, steps.put(stack([b])), rng, active)
-      losses.append(metrics['total'][0])
+      state, metrics = steps.train(state, steps.put(b), rng)
+      losses.append(metrics['total'])
       if i == run.update_epochs - 1:             # right after the first Adam update
-        after_update = jax.device_get((member(state.params, 0),
-                                       member(state.opt_state.inner.inner_state[0].mu, 0)))
+        after_update = jax.device_get((state.params, state.opt_state.inner.inner_state[0].mu))
     results.append((np.array(jax.device_get(losses)), *after_update))
     assert len(state.params['text_model']['embeddings']['word_embeddings']['embedding']
                .sharding.device_set) == len(devices)
@@ -209,7 +208,7 @@ def test_failures_are_named(data_dir, tmp_path):
   run.synthetic = None
   with pytest.raises(FileNotFoundError, match='python -m data_prep.mmsa --dataset=mosi '
                      '--aligned=true'):
-    experiment.data_path(run)
+    inputs.data_path(run)
   with pytest.raises(ValueError, match=r'config.batch_size=0: must be >= 1'):
     run_config.validate_run(smoke_config(data_dir, batch_size=0))
   with pytest.raises(ValueError, match=r"config.mode='fit'"):
@@ -256,20 +255,20 @@ def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(data_dir, clean
   run = smoke_config(data_dir, max_epochs=4)
   cfg, init = run_config.model(run)
 
-  class Poisoned(Steps):
-    def __init__(self, *args, **kw):
-      super().__init__(*args, **kw)
+  class Poisoned(train.RunSteps):
+    def __init__(self, *args):
+      super().__init__(*args)
       inner = self.train
 
-      def train(state, batch, rng, active):
-        state, metrics = inner(state, batch, rng, active)
+      def poisoned(state, batch, rng):
+        state, metrics = inner(state, batch, rng)
         return state, dict(metrics, total=metrics['total'] * np.nan)
-      self.train = train
+      self.train = poisoned
 
-  monkeypatch.setattr(loop, 'Steps', Poisoned)
-  data = experiment.loaders(run, dataset_path(data_dir, 'mosi', True), [1111])
+  monkeypatch.setattr(train, 'cached_run_steps', Poisoned)
+  data = inputs.loaders(run, dataset_path(data_dir, 'mosi', True), [1111])
   with pytest.raises(FloatingPointError, match='non-finite training loss in epoch 4'):
-    loop.train_seed(run, cfg, init, data, 1111, str(work), log=lambda *_: None)
+    train.train_run(run, cfg, init, train.Member(1111, str(work)), data, log=lambda *_: None)
   assert sorted(os.listdir(work / 'checkpoints')) == before
   assert not (work / 'result.json').exists()
 

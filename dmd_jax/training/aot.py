@@ -33,7 +33,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from dmd_jax.config import BertConfig, DMDConfig, from_run_config
 from dmd_jax.model import init_params, predict_step
 from dmd_jax.schema import BATCH_KEYS, EVAL_KEYS
-from dmd_jax.training.loop import cached_optimizer
+from dmd_jax.training.train import cached_optimizer
 from dmd_jax.training.run_config import bert_config_of
 from dmd_jax.training.state import create_train_state
 from dmd_jax.training.steps import Steps, choose_layout, group_mesh, state_bytes

@@ -17,7 +17,6 @@ import orbax.checkpoint as ocp
 
 from dmd_jax.config import BertConfig, from_run_config
 from dmd_jax.fileio import atomic_directory, atomic_write, file_digests
-from dmd_jax.model import init_params
 from dmd_jax.training import run_config
 from dmd_jax.model.reference_weights import import_reference
 

@@ -12,67 +12,25 @@ import io
 import itertools
 import json
 import os
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping
 
 import jax
+from jax.sharding import Mesh
 import numpy as np
 
 from dmd_jax import schema
 from dmd_jax.analysis import edges
 from dmd_jax.analysis.metrics import METRIC_NAMES
-from dmd_jax.data import builder, synthetic
-from dmd_jax.data.pipeline import Loader, open_split
+from dmd_jax.data.pipeline import Loader
 from dmd_jax.provenance import git_commit
 from dmd_jax.training import checkpoints
-from dmd_jax.training.loop import Data, Member, cached_steps, train_group
+from dmd_jax.training.group import train_group
+from dmd_jax.training.inputs import constant_baseline, data_path, loaders
 from dmd_jax.training.outputs import write_json, write_predictions, write_text
 from dmd_jax.training.run_config import (check_run_folder, model, setup_compile_cache,
                                          validate_run)
-from dmd_jax.training.steps import Steps, evaluate, make_mesh, stack
+from dmd_jax.training.train import Member, cached_run_steps, evaluate, train_run
 
-
-
-def data_path(run) -> str:
-  """The prepared dataset of the run; built first for a synthetic config, else a named error
-  with the command that prepares it."""
-  path = schema.dataset_path(run.data_dir, run.dataset, run.aligned)
-  if os.path.isfile(os.path.join(path, 'dataset_info.json')):
-    return path
-  syn = run.get('synthetic')
-  if syn:
-    pkl = os.path.join(os.path.expanduser(run.data_dir), 'synthetic',
-                       f"{schema.setting_name(run.dataset, run.aligned)}.pkl")
-    if not os.path.exists(pkl) and jax.process_index() == 0:
-      synthetic.write_pickle(synthetic.generate(
-          run.dataset, run.aligned, tuple(syn.sizes), seed=syn.seed,
-          weights=tuple(syn.weights), text_features=False), pkl)
-    if jax.process_index() == 0:
-      try:
-        builder.prepare(pkl, run.dataset, run.aligned, run.data_dir, check_sha256=False)
-      except FileExistsError:   # prepared by another run while this one waited for it
-        if not os.path.isfile(os.path.join(path, 'dataset_info.json')):
-          raise
-    return path
-  pkl = schema.FILE_NAMES[bool(run.aligned)]
-  raise FileNotFoundError(
-      f'no prepared {run.dataset} dataset at {path}. Prepare it once with\n'
-      f'  python -m data_prep.mmsa --dataset={run.dataset} --aligned={str(run.aligned).lower()} '
-      f'--pickle=/path/to/{run.dataset.upper()}/Processed/{pkl} --data_dir={run.data_dir}\n'
-      'or point --config.data_dir at the data dir that holds it')
-
-
-def loaders(run, path: str, seeds: Sequence[int]) -> Data:
-  """A training loader per seed (its own shuffling), one valid and one test loader."""
-  sources = {s: open_split(path, s) for s in schema.SPLITS}
-
-  def ids(split, index):
-    src = sources[split]
-    return [src[int(i)]['id'].decode() for i in index]
-
-  return Data(
-      train=[Loader(sources['train'], run.batch_size, train=True, seed=seed) for seed in seeds],
-      valid=Loader(sources['valid'], run.batch_size, train=False),
-      test=Loader(sources['test'], run.batch_size, train=False), ids=ids)
 
 
 def sweep_members(run) -> list[tuple[str, dict]]:
@@ -118,8 +76,11 @@ def run_training(run, workdir: str, *, progress: bool = True, log=print) -> dict
     write_text(os.path.join(workdir, 'config.json'), run.to_json_best_effort(indent=1))
   results = {}
   for group in todo:
-    rows = train_group(run, cfg, init, group, loaders(run, path, [m.seed for m in group]),
-                       progress=progress, log=log)
+    data = loaders(run, path, [m.seed for m in group])
+    if len(group) == 1 and run.get('state_layout', 'auto') != 'fsdp':
+      rows = [train_run(run, cfg, init, group[0], data, progress=progress, log=log)]
+    else:      # seeds together, sweeps, and a sharded member state: one vmapped program
+      rows = train_group(run, cfg, init, group, data, progress=progress, log=log)
     results.update({m.workdir: row for m, row in zip(group, rows)})
   baseline = constant_baseline(path)
   log(f"constant prediction (train mean {baseline['train_mean']:.4f}): test MAE "
@@ -135,20 +96,6 @@ def run_training(run, workdir: str, *, progress: bool = True, log=print) -> dict
   if len(tables) > 1:
     write_sweep_table(tables, workdir)
   return tables[''] if '' in tables else {'sweep': tables}
-
-
-def _labels(source) -> np.ndarray:
-  out = []
-  for s in range(0, len(source), 256):
-    out += [r['label'] for r in source.__getitems__(list(range(s, min(len(source), s + 256))))]
-  return np.asarray(out, np.float32)
-
-
-def constant_baseline(path: str) -> dict[str, float]:
-  """Test MAE of always predicting the training mean: what a model must beat."""
-  mean = float(np.mean(_labels(open_split(path, 'train'))))
-  test = _labels(open_split(path, 'test'))
-  return {'train_mean': mean, 'test_MAE': float(np.mean(np.abs(test - mean)))}
 
 
 def results_table(rows, dataset: str, aligned: bool, commit: str) -> dict[str, Any]:
@@ -214,8 +161,10 @@ def _split_from_checkpoint(run, workdir: str, split: str, seed: int, checkpoint:
   if not os.path.isdir(ckpt):
     raise FileNotFoundError(f'checkpoint not found: {ckpt} (set --config.checkpoint=DIR, or '
                             'train first)')
-  steps = cached_steps(Steps, cfg, make_mesh())   # a training run's own, in its process
-  params = steps.put_members(stack([checkpoints.restore_any(ckpt, jax.eval_shape(init, 0))]))
+  # a training run's own steps, when it ran in this process
+  steps = cached_run_steps(cfg, Mesh(np.asarray(jax.devices()), ('data',)))
+  params = jax.device_put(checkpoints.restore_any(ckpt, jax.eval_shape(init, 0)),
+                          steps.replicated)
   data = loaders(run, path, [seed])
   loader = data.train[0] if split == 'train' else getattr(data, split)
   if split == 'train':   # every training sample once, in file order
@@ -231,7 +180,7 @@ def run_eval(run, workdir: str, *, log=print) -> dict[str, Any]:
   split = run.eval_split
   _, steps, params, loader, data, ckpt = _split_from_checkpoint(run, workdir, split,
                                                                 run.seeds[0], run.checkpoint)
-  ((metrics, preds),) = evaluate(steps, params, loader)
+  metrics, preds = evaluate(steps, params, loader)
   out = os.path.join(workdir, f'eval_{split}')
   write_predictions(out + '_predictions.csv', preds, data.ids(split, preds['index']))
   write_json(out + '_metrics.json', {'checkpoint': os.path.abspath(ckpt), 'split': split,
@@ -255,7 +204,7 @@ def export_edges(run, workdir: str, split: str = 'test', seed: int | None = None
   seed = run.seeds[0] if seed is None else seed
   cfg, steps, params, loader, data, _ = _split_from_checkpoint(run, workdir, split, seed,
                                                                checkpoint)
-  ((_, per_sample),) = evaluate(steps, params, loader)
+  _, per_sample = evaluate(steps, params, loader)
   out = edges.write_export(os.path.join(workdir, 'edges'), per_sample,
                            data.ids(split, per_sample['index']), cfg, split,
                            title=f'checkpoint {checkpoint}' if checkpoint else
