@@ -1,5 +1,5 @@
 r"""DHMD on CMU-MOSI: DMD's released hyper-parameters plus a modality-shared dictionary in each
-decoupled space (dmd_jax/dictionary.py; design and what is inferred: README, DHMD).
+decoupled space (dmd_jax/model/dictionary.py; design and what is inferred: README, DHMD).
 
     python -m dmd_jax.main --config=configs/mosi_dhmd.py --workdir=runs/mosi_dhmd
     python -m dmd_jax.main --config=configs/mosi_dhmd.py:unaligned --workdir=runs/mosi_dhmd_u

@@ -22,9 +22,9 @@ import numpy as np
 
 from dmd_jax import schema
 
-DROPOUT_RNGS = ('hash', 'threefry')  # dmd_jax/rng.py
-COMPUTE_DTYPES = ('float32', 'bfloat16')  # dmd_jax/precision.py
-DICT_POOLS = ('max', 'mean')                       # dmd_jax/dictionary.py
+DROPOUT_RNGS = ('hash', 'threefry')  # dmd_jax/model/rng.py
+COMPUTE_DTYPES = ('float32', 'bfloat16')  # dmd_jax/model/precision.py
+DICT_POOLS = ('max', 'mean')                       # dmd_jax/model/dictionary.py
 DICT_ACTIVATIONS = ('sparsemax', 'softmax')
 DICT_LOSSES = ('label_hinge', 'infonce', 'edge_kl')
 DROPOUT_FIELDS = ('attn_dropout', 'attn_dropout_a', 'attn_dropout_v', 'relu_dropout',
@@ -107,7 +107,7 @@ class BertConfig:
 
 @dataclasses.dataclass(frozen=True)
 class DictionaryConfig:
-  """DHMD's dictionary (dmd_jax/dictionary.py): one switch per inferred choice of the design
+  """DHMD's dictionary (dmd_jax/model/dictionary.py): one switch per inferred choice of the design
   note (shared/spec/DHMD.md). The same settings serve both spaces."""
   enabled: bool = True           # False: the DMD network and objective, exactly
   num_atoms: int = 512           # K (the note's default; 256/1024 reported similar)
@@ -160,7 +160,7 @@ MATMUL_PRECISIONS = ('float32', 'default')  # dmd_jax/model/precision.py
 @dataclasses.dataclass(frozen=True)
 class AttentionConfig:
   """How the MulT attention and layer stacks are computed; every choice gives the same values
-  and gradients to float32 rounding (tests/attention_test.py, tests/layers_test.py)."""
+  and gradients to float32 rounding (tests/attention_test.py, tests/transformer_test.py)."""
   # 'fast': memory-saving paths with a hand-written backward (dmd_jax/model/attention.py);
   # 'plain': dropout(softmax(q k^T + mask)) v for all heads at once, gradients by autodiff.
   impl: str = 'fast'
@@ -235,7 +235,7 @@ class DMDConfig:
   margin_ort_weight: float = 0.1  # gamma.
   margin_scale: float = 0.15     # Hinge margin per unit of label difference.
   # Execution: which generator draws the dropout masks (dmd_jax/model/rng.py).
-  dropout_rng: str = 'hash'      # dropout masks from dmd_jax.rng.HASH_IMPL, or 'threefry'.
+  dropout_rng: str = 'hash'      # dropout masks from dmd_jax.model.rng.HASH_IMPL, or 'threefry'.
   # 'bfloat16': matmuls and activations in bf16; parameters, optimizer state, LayerNorm, softmax,
   # GD-Units and losses stay float32 (dmd_jax/model/precision.py).
   compute_dtype: str = 'float32'

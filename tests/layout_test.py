@@ -4,6 +4,7 @@ imports only for optional dependencies, and no module creates a device array at 
 import ast
 import itertools
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -168,3 +169,38 @@ def test_modality_orders_are_named_not_spelled():
       if isinstance(node, ast.Constant) and node.value in orders:
         found.append(f'{name}:{node.lineno} {node.value!r}')
   assert not found, found
+
+
+def _text_files():
+  for pattern in ('README.md', 'setup.cfg', 'docs/*.md', 'configs/*.py', 'dmd_jax/**/*.py',
+                  'data_prep/*.py', '.ci/run'):
+    yield from sorted(REPO.glob(pattern))
+
+
+def test_every_path_and_module_named_in_code_and_docs_exists():
+  """Docs, comments and docstrings name files and modules that exist (they named
+  dmd_jax/rng.py and dmd_jax/cpu_kernels.py long after those moved)."""
+  stale = []
+  for path in _text_files():
+    text = path.read_text()
+    for m in re.finditer(r'\b((?:dmd_jax|data_prep|configs|docs|tests)/[\w/]*\w\.(?:py|md|cc))\b',
+                         text):
+      if not (REPO / m.group(1)).exists():
+        stale.append(f'{path.relative_to(REPO)}: {m.group(1)}')
+    for m in re.finditer(r'\b(dmd_jax|data_prep)\.([a-z_]\w*)', text):
+      name = m.group(2)
+      base = REPO / m.group(1)
+      if not ((base / f'{name}.py').exists() or (base / name).is_dir() or
+              name in _package_exports() or name == '__version__'):
+        stale.append(f'{path.relative_to(REPO)}: {m.group(0)}')
+  assert not stale, sorted(set(stale))
+
+
+def _package_exports():
+  """Names `dmd_jax` and `data_prep` export (their `_EXPORTS` tables)."""
+  names = set()
+  for init in (PACKAGE / '__init__.py', REPO / 'data_prep' / '__init__.py'):
+    for node in ast.parse(init.read_text()).body:
+      if isinstance(node, ast.Assign) and getattr(node.targets[0], 'id', '') == '_EXPORTS':
+        names |= set(ast.literal_eval(node.value))
+  return names

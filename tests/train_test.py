@@ -273,6 +273,29 @@ def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(data_dir, clean
   assert not (work / 'result.json').exists()
 
 
+def test_a_run_resumed_after_its_best_epoch_reports_the_best_epochs_parameters(
+    data_dir, clean_run, tmp_path):
+  """Resumed after an epoch that was not its best, a run still tests the best epoch's
+  parameters (from best/), as the uninterrupted run does (it tested the resumed ones)."""
+  want = json.loads((clean_run / 'seed_1111' / 'result.json').read_text())
+  last = want['epochs']
+  assert want['best_epoch'] < last - 1       # the smoke run's best epoch comes before its last two
+  work = tmp_path / 'seed'
+  shutil.copytree(clean_run / 'seed_1111', work)
+  os.remove(work / 'result.json')            # as if killed while saving the last epoch
+  shutil.rmtree(work / 'checkpoints' / str(last))
+  os.remove(work / 'checkpoints' / f'digests-{last}.json')
+  run = smoke_config(data_dir)
+  cfg, init = run_config.model(run)
+  data = inputs.loaders(run, dataset_path(data_dir, 'mosi', True), [1111])
+  logs = []
+  got = train.train_run(run, cfg, init, train.Member(1111, str(work)), data, log=logs.append)
+  assert any(f'resumed after epoch {last - 1}' in line for line in logs)
+  assert (got['best_epoch'], got['epochs'], got['valid']) == (want['best_epoch'], last,
+                                                               want['valid'])
+  assert got['test'] == want['test']
+
+
 # ---- edges (what the GD-Units learned) --------------------------------------------------------
 
 def test_exported_edges_are_normalised_and_match_the_model(data_dir, clean_run):

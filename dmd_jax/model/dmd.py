@@ -118,7 +118,7 @@ class DMD(nn.Module):
 
     # DHMD: each space's features re-expressed through its dictionary; per modality the GD-stage
     # feature and the dictionary embedding are concatenated and projected back to the feature's
-    # width, so the fusion below keeps DMD's shapes (dmd_jax/dictionary.py).
+    # width, so the fusion below keeps DMD's shapes (dmd_jax/model/dictionary.py).
     fuse_h, fuse_c = last_h, c_fusion
     if cfg.dhmd:
       spaces = (('homo', d, [c[m] for m in MODALITIES], c_last),

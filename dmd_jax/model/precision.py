@@ -6,8 +6,8 @@ the encoders works in bf16. Kept in float32:
   - the parameters themselves and the optimizer state (the cast happens inside the
     differentiated function, so gradients arrive in float32);
   - LayerNorm statistics and affine (`layers.LayerNorm`), every attention softmax
-    (`layers.attention`, `bert._SelfAttention`);
-  - the GD-Units (`distill.GDUnit` upcasts its inputs) and every loss (`api.forward` returns
+    (`attention.py`, `bert._SelfAttention`);
+  - the GD-Units (`gd_unit.GDUnit` upcasts its inputs) and every loss (`dmd.forward` returns
     float32 outputs).
 This is the usual policy on TPUs and recent GPUs; on a CPU without bf16 matrix units it is slower.
 
