@@ -33,8 +33,6 @@ batch sizes run in increasing order inside it. One JSON line per case goes to st
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 
 from absl import app, flags, logging
@@ -119,26 +117,8 @@ def main(argv):
   _seed_counts()
   passthrough = [a for a in sys.argv[1:] if not a.startswith(('--settings', '--jsonl',
                                                               '--markdown'))]
-  records = []
-  for setting in _SETTINGS.value:
-    cmd = [sys.executable, '-m', 'dmd_jax.benchmark', f'--child={setting}', *passthrough]
-    env = dict(os.environ)
-    if _HUGEPAGES.value and sys.platform.startswith('linux') and 'GLIBC_TUNABLES' not in env:
-      env['GLIBC_TUNABLES'] = 'glibc.malloc.hugetlb=1'
-    proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    found = [json.loads(line[6:]) for line in proc.stdout.splitlines()
-             if line.startswith('BENCH ')]
-    if proc.returncode:
-      sys.stderr.write(proc.stderr[-4000:])
-      raise SystemExit(f'benchmark of {setting} failed (exit {proc.returncode}); '
-                       f'command: {" ".join(cmd)}')
-    for rec in found:
-      line = json.dumps(rec)
-      print(line, flush=True)
-      if _JSONL.value:
-        with open(_JSONL.value, 'a') as f:
-          f.write(line + '\n')
-    records += found
+  records = measure.run_in_subprocesses(_SETTINGS.value, passthrough, jsonl=_JSONL.value,
+                                        hugepages=_HUGEPAGES.value)
   table = measure.markdown_table(records)
   print('\n' + table)
   if _MARKDOWN.value:

@@ -20,6 +20,7 @@ import pytest
 import dmd_jax
 from configs import smoke
 from helpers import cpu_env, seed_outputs, synthetic_data_dir
+from dmd_jax.analysis.metrics import METRIC_NAMES
 from dmd_jax.training import checkpoints, experiment, group as group_lib, run_config, train
 from dmd_jax.training.steps import Steps, make_mesh, member, stack
 
@@ -66,6 +67,18 @@ def together_and_sequential(data_dir, tmp_path_factory):
 # they are compared without those directions. Edge statistics are probabilities (and their std,
 # ~4e-4, from a difference of moments): compared to 1e-6 absolute (measured <= 6e-9).
 STEP_RTOL, HISTORY_RTOL, WEIGHT_TOL, EDGE_ATOL = 1e-6, 1e-5, 1e-3, 1e-6
+# The MMSA metrics (Acc, F1, MAE, Corr) are reported rounded to 4 places, as the reference
+# reports them: a float32-rounding difference below HISTORY_RTOL can carry one across a rounding
+# boundary, one unit of the last place apart (seen: seed 1114's test Corr 0.1266 together and
+# 0.1265 alone, with XLA at optimisation level 0). They agree to that unit.
+ROUNDED_UNIT = 1e-4
+
+
+def _assert_metric_close(key, got, want, msg):
+  if key.split('/')[-1] in METRIC_NAMES:
+    assert abs(got - want) <= ROUNDED_UNIT * (1 + 1e-9), (msg, got, want)
+  else:
+    np.testing.assert_allclose(got, want, rtol=HISTORY_RTOL, err_msg=msg)
 
 
 def test_seeds_together_equal_sequential_runs(together_and_sequential):
@@ -87,10 +100,10 @@ def test_seeds_together_equal_sequential_runs(together_and_sequential):
         if k.startswith('edges/'):    # probabilities in [0, 1] and their spread
           np.testing.assert_allclose(a[k], b[k], rtol=0, atol=EDGE_ATOL, err_msg=f'{seed} {k}')
         elif k != 'seconds':
-          np.testing.assert_allclose(a[k], b[k], rtol=HISTORY_RTOL, err_msg=f'{seed} {k}')
-    for k, v in r_t['test'].items():
-      np.testing.assert_allclose(v, r_s['test'][k], rtol=HISTORY_RTOL, err_msg=k)
-    assert r_t['valid'] == pytest.approx(r_s['valid'], rel=HISTORY_RTOL)
+          _assert_metric_close(k, a[k], b[k], f'{seed} {k}')
+    for split in ('test', 'valid'):
+      for k, v in r_t[split].items():
+        _assert_metric_close(k, v, r_s[split][k], f'{seed} {split} {k}')
     pred_t, pred_s = (np.array([float(l.split(',')[-1]) for l in p.splitlines()[1:]])
                       for p in (p_t, p_s))
     np.testing.assert_allclose(pred_t, pred_s, atol=HISTORY_RTOL * np.max(np.abs(pred_s)))

@@ -4,9 +4,12 @@ bfloat16 drift table."""
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import statistics
+import subprocess
+import sys
 import time
 from typing import Any, Optional, Sequence
 
@@ -309,3 +312,33 @@ def drift_table(root: str, dtype: str, matmul_precision: str = 'float32') -> str
                  f"{out['edges_hetero']:.2e} | {out[worst_o]:.2e} ({worst_o}) | "
                  f"{loss['total']:.2e} | {loss[worst_l]:.2e} ({worst_l}) |")
   return '\n'.join(lines)
+
+
+def run_in_subprocesses(settings: Sequence[str], args: Sequence[str], *,
+                        jsonl: Optional[str] = None, hugepages: bool = True) -> list[dict]:
+  """Each setting in its own `python -m dmd_jax.benchmark --child=SETTING *args` process (a
+  clean memory high-water mark, no shared caches); its records are printed as JSON lines (and
+  appended to `jsonl`) as each setting ends. With `hugepages` on Linux, glibc is asked for
+  transparent huge pages (GLIBC_TUNABLES=glibc.malloc.hugetlb=1, unless already set)."""
+  records = []
+  for setting in settings:
+    cmd = [sys.executable, '-m', 'dmd_jax.benchmark', f'--child={setting}', *args]
+    env = dict(os.environ)
+    if hugepages and sys.platform.startswith('linux') and 'GLIBC_TUNABLES' not in env:
+      env['GLIBC_TUNABLES'] = 'glibc.malloc.hugetlb=1'
+    proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          env=env, check=False)
+    found = [json.loads(line[6:]) for line in proc.stdout.splitlines()
+             if line.startswith('BENCH ')]
+    if proc.returncode:
+      sys.stderr.write(proc.stderr[-4000:])
+      raise SystemExit(f'benchmark of {setting} failed (exit {proc.returncode}); '
+                       f'command: {" ".join(cmd)}')
+    for rec in found:
+      line = json.dumps(rec)
+      print(line, flush=True)
+      if jsonl:
+        with open(jsonl, 'a') as f:
+          f.write(line + '\n')
+    records += found
+  return records

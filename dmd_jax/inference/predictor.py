@@ -11,6 +11,8 @@ fixed size (the last is zero-padded and its padding dropped), so the forward pas
 
 from __future__ import annotations
 
+import csv
+import io
 from typing import Any, Optional, Sequence
 
 import jax
@@ -19,9 +21,11 @@ from tqdm import tqdm
 
 from dmd_jax import schema
 from dmd_jax.analysis.metrics import class_2, class_7
+from dmd_jax.fileio import atomic_write, savez
 from dmd_jax.inference import inputs
 from dmd_jax.inference.bundle import Bundle, load_bundle
 from dmd_jax.model import predict_step
+from dmd_jax.schema import EDGE_NAMES, MODALITIES
 
 
 class Predictor:
@@ -100,3 +104,31 @@ class Predictor:
     if samples.labels is not None:
       result['label'] = np.asarray(samples.labels, np.float32)
     return result
+
+
+def predict_files(bundle: str, input_path: str, output: str, *, edges: Optional[str] = None,
+                  strict: bool = False, batch_size: int = 32, split: str = 'test',
+                  progress: bool = False) -> int:
+  """`python -m dmd_jax.predict`: the samples of `input_path` scored with the bundle, written to
+  the CSV `output` (and their edge matrices to the .npz `edges`); returns the sample count."""
+  predictor = Predictor.from_bundle(bundle, batch_size)
+  samples = inputs.read_input(input_path, split)
+  result = predictor.predict_samples(samples, strict=strict, progress=progress)
+  write_outputs(result, output, edges)
+  return len(samples)
+
+
+def write_outputs(result, output: str, edges: str | None = None) -> None:
+  """The predictions CSV (id, score, class_2, class_7[, label]) and the edges .npz, atomically."""
+  buf = io.StringIO()
+  w = csv.writer(buf, lineterminator='\n')
+  has_label = 'label' in result
+  w.writerow(['id', 'score', 'class_2', 'class_7'] + (['label'] if has_label else []))
+  for i, sid in enumerate(result['id']):
+    w.writerow([sid, f"{result['score'][i]:.6g}", result['class_2'][i],
+                int(result['class_7'][i])] + ([f"{result['label'][i]:.6g}"] if has_label else []))
+  if edges:   # first, so that a failure leaves no CSV that claims success
+    savez(edges, id=np.asarray(result['id'], dtype=str), edges_homo=result['edges_homo'],
+          edges_hetero=result['edges_hetero'], modalities=np.asarray(MODALITIES, dtype=str),
+          edge_names=np.asarray(EDGE_NAMES, dtype=str))
+  atomic_write(output, buf.getvalue())

@@ -29,10 +29,10 @@ PyTree = Any
 
 def bert_config_of(run: Mapping[str, Any]) -> BertConfig:
   """The encoder's `BertConfig` alone (no weights are read)."""
-  if run['text_encoder'] == 'random':
-    return BertConfig.from_dict(dict(run['random_bert']))
-  return BertConfig.from_json_file(os.path.join(resolve_bert_dir(run['text_encoder']),
-                                                'config.json'))
+  if run['text_encoder'] != 'random':
+    folder = resolve_bert_dir(run['text_encoder'])
+    return BertConfig.from_json_file(os.path.join(folder, 'config.json'))
+  return BertConfig.from_dict(dict(run['random_bert']))
 
 
 def text_encoder(run: Mapping[str, Any]) -> tuple[BertConfig, Optional[PyTree]]:
