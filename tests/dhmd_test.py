@@ -13,7 +13,7 @@ import dmd_jax
 from configs import mosei_dhmd, mosi_dhmd, smoke
 from dmd_jax.model import dictionary
 from dmd_jax.objective import dhmd, dmd as losses
-from dmd_jax.training import experiment
+from dmd_jax.training import experiment, inputs
 from dmd_jax.training.run_config import load_run_config
 from dmd_jax.config import DictionaryConfig, from_run_config
 
@@ -187,6 +187,7 @@ def test_short_dhmd_run_trains_and_exports_activations(tmp_path):
   run.model.dictionary = mosi_dhmd.dictionary()
   run.model.dictionary.num_atoms = 16
   workdir = tmp_path / 'run'
+  inputs.prepare_synthetic(run)
   experiment.run_training(run, str(workdir), progress=False, log=lambda *_: None)
   seed_dir = workdir / 'seed_1111'
   hist = [json.loads(l) for l in (seed_dir / 'metrics.jsonl').read_text().splitlines()]

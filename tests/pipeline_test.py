@@ -7,8 +7,9 @@ import pytest
 import data_prep
 from dmd_jax.model import batch as batch_lib
 from dmd_jax.config import reference_config
-from dmd_jax.data.pipeline import Loader, global_batch, open_split
+from dmd_jax.data.pipeline import Loader, open_split
 from dmd_jax.schema import dataset_path
+from dmd_jax.training.train import RunSteps
 
 N = 37  # not a multiple of any batch size used below
 
@@ -133,11 +134,12 @@ def test_bad_batch_sizes_are_named():
     Loader(CountingSource(5), 8, train=True, device_count=8)
 
 
-def test_global_batch_spans_the_mesh():
+def test_a_loaders_batch_spans_the_runs_mesh():
   mesh = jax.sharding.Mesh(np.array(jax.devices()), ('data',))
   loader = Loader(CountingSource(), 16, train=True, seed=0)
   local = next(iter(loader))
-  arrays = global_batch(local, mesh)
+  steps = RunSteps(reference_config('mosi', True), mesh)      # nothing compiled: put only
+  arrays = steps.put(local, keys=tuple(local))
   assert len(jax.devices()) == 8
   for key, value in local.items():
     assert arrays[key].shape == value.shape

@@ -209,6 +209,13 @@ def test_failures_are_named(data_dir, tmp_path):
   with pytest.raises(FileNotFoundError, match='python -m data_prep.mmsa --dataset=mosi '
                      '--aligned=true'):
     inputs.data_path(run)
+  # a synthetic config's dataset is made by the command (`prepare_synthetic`), not by a run
+  run = smoke_config(str(tmp_path / 'syn'))
+  with pytest.raises(FileNotFoundError, match='no prepared synthetic mosi dataset at .*'
+                     r'prepare_synthetic\(run\)'):
+    inputs.data_path(run)
+  inputs.prepare_synthetic(run)
+  assert inputs.data_path(run) == dataset_path(str(tmp_path / 'syn'), 'mosi', True)
   with pytest.raises(ValueError, match=r'config.batch_size=0: must be >= 1'):
     run_config.validate_run(smoke_config(data_dir, batch_size=0))
   with pytest.raises(ValueError, match=r"config.mode='fit'"):

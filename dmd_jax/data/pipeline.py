@@ -13,8 +13,8 @@ permutation for training (the last partial batch is dropped, as the reference ne
 or the file order for evaluation (the last batch padded; `mask` is 0 on padding, so each sample
 counts exactly once). Global batch k is positions [k*B, (k+1)*B) of that order; process p of P
 reads only its block [k*B + p*B/P, k*B + (p+1)*B/P) of it. The global batches therefore do not
-depend on how many processes share the work. `global_batch(batch, mesh)` assembles the
-processes' blocks into one array sharded over the mesh's 'data' axis.
+depend on how many processes share the work. The training steps assemble the processes' blocks
+into one array sharded over their mesh's 'data' axis (`dmd_jax.training.train.RunSteps.put`).
 """
 
 from __future__ import annotations
@@ -162,9 +162,3 @@ class Loader:
     if batch == self.num_batches:
       epoch, batch = epoch + 1, 0
     self._epoch, self._batch = epoch, batch
-
-
-def global_batch(batch: Batch, mesh: jax.sharding.Mesh, axis: str = 'data') -> dict[str, jax.Array]:
-  """Assemble every process's block into global arrays split over `axis` of `mesh`."""
-  sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(axis))
-  return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}

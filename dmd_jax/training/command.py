@@ -12,7 +12,7 @@ from absl import logging
 import jax
 
 from dmd_jax import lock
-from dmd_jax.training import experiment
+from dmd_jax.training import experiment, inputs
 from dmd_jax.training.export import write_bundle
 from dmd_jax.training.run_config import move_run_aside, stored_for_eval, validate_run
 from dmd_jax.training.train import smoke
@@ -63,6 +63,7 @@ def _run_in(run, workdir: str, fresh: bool, show) -> None:
     if ignored:
       show(f"eval uses the run's stored config; this command's {'; '.join(ignored)} "
            '(stored -> command) are ignored')
+    inputs.prepare_synthetic(stored)
     experiment.run_eval(stored, workdir, log=show)
     return
   if fresh and jax.process_index() == 0:
@@ -73,6 +74,7 @@ def _run_in(run, workdir: str, fresh: bool, show) -> None:
 
 
 def train(run, workdir: str, show) -> None:
+  inputs.prepare_synthetic(run)     # a synthetic config's dataset, made once
   table = experiment.run_training(run, workdir, progress=run.progress and
                                   jax.process_index() == 0, log=show)
   m = table['mean_std']

@@ -1,6 +1,6 @@
-"""A run's data: the prepared dataset its config names (built first for a synthetic config), a
-training loader per run and the shared valid and test loaders, and the constant-prediction
-baseline every results table reports.
+"""A run's data: the prepared dataset its config names (a synthetic config's is made first by the
+command, `prepare_synthetic`), a training loader per run and the shared valid and test loaders,
+and the constant-prediction baseline every results table reports.
 """
 
 from __future__ import annotations
@@ -27,32 +27,42 @@ class Data:
 
 
 def data_path(run) -> str:
-  """The prepared dataset of the run; built first for a synthetic config, else a named error
-  with the command that prepares it."""
+  """The prepared dataset of the run, else a named error with the command that prepares it."""
   path = schema.dataset_path(run.data_dir, run.dataset, run.aligned)
   if os.path.isfile(os.path.join(path, 'dataset_info.json')):
     return path
-  syn = run.get('synthetic')
-  if syn:
-    pkl = os.path.join(os.path.expanduser(run.data_dir), 'synthetic',
-                       f"{schema.setting_name(run.dataset, run.aligned)}.pkl")
-    if not os.path.exists(pkl) and jax.process_index() == 0:
-      synthetic.write_pickle(synthetic.generate(
-          run.dataset, run.aligned, tuple(syn.sizes), seed=syn.seed,
-          weights=tuple(syn.weights), text_features=False), pkl)
-    if jax.process_index() == 0:
-      try:
-        builder.prepare(pkl, run.dataset, run.aligned, run.data_dir, check_sha256=False)
-      except FileExistsError:   # prepared by another run while this one waited for it
-        if not os.path.isfile(os.path.join(path, 'dataset_info.json')):
-          raise
-    return path
+  if run.get('synthetic'):
+    raise FileNotFoundError(
+        f'no prepared synthetic {run.dataset} dataset at {path}: `python -m dmd_jax.main` '
+        'makes it for this config (training.inputs.prepare_synthetic(run) from Python)')
   pkl = schema.FILE_NAMES[bool(run.aligned)]
   raise FileNotFoundError(
       f'no prepared {run.dataset} dataset at {path}. Prepare it once with\n'
       f'  python -m data_prep.mmsa --dataset={run.dataset} --aligned={str(run.aligned).lower()} '
       f'--pickle=/path/to/{run.dataset.upper()}/Processed/{pkl} --data_dir={run.data_dir}\n'
       'or point --config.data_dir at the data dir that holds it')
+
+
+def prepare_synthetic(run) -> None:
+  """For a config with `synthetic` set (configs/smoke.py, configs/demo.py): its synthetic MMSA
+  pickle generated and prepared in `run.data_dir`, unless there already; by process 0. The
+  command does this before a run; the library's runs read a prepared dataset (`data_path`)."""
+  syn = run.get('synthetic')
+  path = schema.dataset_path(run.data_dir, run.dataset, run.aligned)
+  if not syn or os.path.isfile(os.path.join(path, 'dataset_info.json')) or \
+      jax.process_index() != 0:
+    return
+  pkl = os.path.join(os.path.expanduser(run.data_dir), 'synthetic',
+                     f"{schema.setting_name(run.dataset, run.aligned)}.pkl")
+  if not os.path.exists(pkl):
+    synthetic.write_pickle(synthetic.generate(
+        run.dataset, run.aligned, tuple(syn.sizes), seed=syn.seed,
+        weights=tuple(syn.weights), text_features=False), pkl)
+  try:
+    builder.prepare(pkl, run.dataset, run.aligned, run.data_dir, check_sha256=False)
+  except FileExistsError:   # prepared by another run while this one waited for it
+    if not os.path.isfile(os.path.join(path, 'dataset_info.json')):
+      raise
 
 
 def loaders(run, path: str, seeds: Sequence[int]) -> Data:

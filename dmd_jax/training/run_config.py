@@ -41,9 +41,9 @@ def text_encoder(run: Mapping[str, Any]) -> tuple[BertConfig, Optional[PyTree]]:
   'random' gives the sizes in `run.random_bert` and no weights (the caller keeps its random
   initialisation); anything else is a local Hugging Face directory or a hub id.
   """
-  if run['text_encoder'] == 'random':
-    return bert_config_of(run), None
-  return load_bert(run['text_encoder'])
+  if run['text_encoder'] != 'random':
+    return load_bert(run['text_encoder'])
+  return BertConfig.from_dict(dict(run['random_bert'])), None
 
 
 def with_text_encoder(params: PyTree, bert_params: Optional[PyTree]) -> PyTree:

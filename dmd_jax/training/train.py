@@ -29,7 +29,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from dmd_jax.analysis.metrics import regression_metrics
 from dmd_jax.config import DMDConfig
-from dmd_jax.data.pipeline import Loader, global_batch
+from dmd_jax.data.pipeline import Loader
 from dmd_jax.model import compiler_options, forward
 from dmd_jax.model.batch import random_batch
 from dmd_jax.model.target import devices_platform, for_devices
@@ -121,7 +121,7 @@ class RunSteps:
 
   def put(self, batch: Mapping[str, np.ndarray], keys=BATCH_KEYS) -> dict[str, jax.Array]:
     """This process's block of a batch (its `keys`) as global arrays split over the mesh."""
-    return global_batch({k: batch[k] for k in keys}, self.mesh)
+    return {k: jax.make_array_from_process_local_data(self.batches, batch[k]) for k in keys}
 
 
 def evaluate(steps: RunSteps, params, loader: Loader) -> tuple[dict, dict]:
