@@ -95,7 +95,7 @@ def base_config(dataset: str, alignment: str) -> ml_collections.ConfigDict:
   c.max_epochs = 200             # the reference has no cap; early stopping ends its runs
 
   c.data_dir = '~/tensorflow_datasets'   # holds mmsa/<dataset>_<alignment>/1.0.0 (data_prep.mmsa)
-  c.synthetic = None             # a ConfigDict(sizes, seed, weights) builds synthetic data if absent
+  c.synthetic = None             # ConfigDict(sizes, seed, weights): main makes that data if absent
   c.mode = 'train'               # dmd_jax.training.run_config.MODES: 'train', 'eval', 'smoke'
   c.eval_split = 'test'          # split written by mode=eval
   c.checkpoint = ''              # params dir for mode=eval (default: workdir/seed_<first>/best)
