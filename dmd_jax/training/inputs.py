@@ -29,7 +29,7 @@ class Data:
 def data_path(run) -> str:
   """The prepared dataset of the run, else a named error with the command that prepares it."""
   path = schema.dataset_path(run.data_dir, run.dataset, run.aligned)
-  if os.path.isfile(os.path.join(path, 'dataset_info.json')):
+  if _prepared(path):
     return path
   if run.get('synthetic'):
     raise FileNotFoundError(
@@ -49,8 +49,7 @@ def prepare_synthetic(run) -> None:
   command does this before a run; the library's runs read a prepared dataset (`data_path`)."""
   syn = run.get('synthetic')
   path = schema.dataset_path(run.data_dir, run.dataset, run.aligned)
-  if not syn or os.path.isfile(os.path.join(path, 'dataset_info.json')) or \
-      jax.process_index() != 0:
+  if not syn or _prepared(path) or jax.process_index() != 0:
     return
   pkl = os.path.join(os.path.expanduser(run.data_dir), 'synthetic',
                      f"{schema.setting_name(run.dataset, run.aligned)}.pkl")
@@ -61,8 +60,13 @@ def prepare_synthetic(run) -> None:
   try:
     builder.prepare(pkl, run.dataset, run.aligned, run.data_dir, check_sha256=False)
   except FileExistsError:   # prepared by another run while this one waited for it
-    if not os.path.isfile(os.path.join(path, 'dataset_info.json')):
+    if not _prepared(path):
       raise
+
+
+def _prepared(path: str) -> bool:
+  """Whether a prepared dataset (its TFDS dataset_info.json) is at `path`."""
+  return os.path.isfile(os.path.join(path, 'dataset_info.json'))
 
 
 def loaders(run, path: str, seeds: Sequence[int]) -> Data:

@@ -29,10 +29,10 @@ PyTree = Any
 
 def bert_config_of(run: Mapping[str, Any]) -> BertConfig:
   """The encoder's `BertConfig` alone (no weights are read)."""
-  if run['text_encoder'] != 'random':
-    folder = resolve_bert_dir(run['text_encoder'])
-    return BertConfig.from_json_file(os.path.join(folder, 'config.json'))
-  return BertConfig.from_dict(dict(run['random_bert']))
+  if run['text_encoder'] == 'random':
+    return BertConfig.from_dict(dict(run['random_bert']))
+  return BertConfig.from_json_file(os.path.join(resolve_bert_dir(run['text_encoder']),
+                                                'config.json'))
 
 
 def text_encoder(run: Mapping[str, Any]) -> tuple[BertConfig, Optional[PyTree]]:
@@ -41,9 +41,9 @@ def text_encoder(run: Mapping[str, Any]) -> tuple[BertConfig, Optional[PyTree]]:
   'random' gives the sizes in `run.random_bert` and no weights (the caller keeps its random
   initialisation); anything else is a local Hugging Face directory or a hub id.
   """
-  if run['text_encoder'] != 'random':
-    return load_bert(run['text_encoder'])
-  return BertConfig.from_dict(dict(run['random_bert'])), None
+  if run['text_encoder'] == 'random':
+    return bert_config_of(run), None
+  return load_bert(run['text_encoder'])
 
 
 def with_text_encoder(params: PyTree, bert_params: Optional[PyTree]) -> PyTree:

@@ -149,8 +149,7 @@ def train_and_evaluate(run, workdir: str, *, progress: bool = True,
   run_config.setup_compile_cache(run)
   cfg, init = run_config.model(run)
   seed = run.seeds[0]
-  path = inputs.data_path(run)
-  data = inputs.loaders(run, path, [seed])
+  data = inputs.loaders(run, inputs.data_path(run), [seed])
   return train_run(run, cfg, init, Member(seed, workdir), data, progress=progress, log=log)
 
 
