@@ -175,9 +175,10 @@ class AttentionConfig:
   # (on CPU unrolled where a layer's activations have >= 2^15 elements, else scanned).
   layer_loop: str = 'auto'
   # The platform the choices above are made for: the devices the program is compiled for.
-  # 'auto' = the tracing process's default backend; training's Steps and `python -m
-  # dmd_jax.aot` set it from their mesh (dmd_jax/model/target.py), so a program traced on a CPU
-  # host for a TPU slice carries TPU choices.
+  # 'auto' = the tracing process's default backend; a run's model config is made for its
+  # devices (training.run_config.model), and training's steps and `python -m dmd_jax.aot` set it
+  # from their mesh (dmd_jax/model/target.py), so a program traced on a CPU host for a TPU slice
+  # carries TPU choices.
   platform: str = 'auto'
 
   def __post_init__(self):
@@ -361,10 +362,12 @@ def run_model_fields(dataset: str, aligned: bool) -> dict[str, Any]:
           if f.name not in RUN_DERIVED_FIELDS + ('dictionary',)}
 
 
-def from_run_config(run: Mapping[str, Any], bert: BertConfig) -> DMDConfig:
+def from_run_config(run: Mapping[str, Any], bert: BertConfig,
+                    platform: Optional[str] = None) -> DMDConfig:
   """The `DMDConfig` of a run config (`configs/*.py`): dataset, alignment and `model.*` fields,
   with the text encoder's `BertConfig`; fields it lacks keep their released values. Unknown
-  `model` keys are rejected by name."""
+  `model` keys are rejected by name. `platform` ('cpu', 'gpu', 'tpu'), when given, is the one
+  the implementation choices are made for (`AttentionConfig.platform`)."""
   model = dict(run['model'])
   known = [f.name for f in dataclasses.fields(DMDConfig) if f.name not in RUN_DERIVED_FIELDS]
   unknown = sorted(set(model) - set(known))
@@ -377,4 +380,7 @@ def from_run_config(run: Mapping[str, Any], bert: BertConfig) -> DMDConfig:
     model['attention'] = AttentionConfig.from_dict(dict(model['attention']))
   else:
     model.pop('attention', None)
-  return reference_config(run['dataset'], bool(run['aligned']), bert=bert, **model)
+  cfg = reference_config(run['dataset'], bool(run['aligned']), bert=bert, **model)
+  if platform is not None:
+    cfg = cfg.replace(attention=dataclasses.replace(cfg.attention, platform=platform))
+  return cfg

@@ -17,7 +17,7 @@ import dmd_jax
 from configs import smoke
 from dmd_jax.model import target
 from dmd_jax.model.kernels import load as native_kernel_builds
-from dmd_jax.training import aot
+from dmd_jax.training import aot, run_config
 from dmd_jax.training.steps import Steps, group_mesh
 
 pytest.importorskip('libtpu', reason="the TPU compiler: pip install -e '.[tpu]'")
@@ -95,6 +95,9 @@ def test_tpu_programs_carry_no_cpu_choices_even_where_the_cpu_takes_them(slice_d
   cfg, _ = aot.model_config(run)
   tpu = Steps(cfg, group_mesh(np.asarray(slice_devices), 1))
   assert tpu.platform == 'tpu' and tpu.config.attention.platform == 'tpu'
+  # a run's model config is made for the devices it is for: this process's by default
+  assert run_config.model(run, slice_devices)[0].attention.platform == 'tpu'
+  assert run_config.model(run)[0].attention.platform == 'cpu'
   text = tpu.eval.lower(*_eval_args(run, cfg, tpu)).as_text()
   assert not _custom_calls(text), _custom_calls(text)
   # the CPU head loop (lax.map over heads, batch chunks) is not in the TPU program: its loops are

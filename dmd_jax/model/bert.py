@@ -223,11 +223,14 @@ def resolve_bert_dir(name_or_path: str) -> str:
         f'directory and pass that directory instead.') from e
 
 
-def load_bert(name_or_path: str) -> tuple[BertConfig, PyTree]:
+def load_bert(name_or_path: str, weights: bool = True) -> tuple[BertConfig, PyTree]:
   """Reads a Hugging Face BERT (local directory or hub id) as (`BertConfig`, params of
-  `BertModel`). Missing files and shape mismatches raise errors that name the path and key."""
+  `BertModel`; None without `weights`). Missing files and shape mismatches raise errors that
+  name the path and key."""
   directory = resolve_bert_dir(name_or_path)
   config = BertConfig.from_json_file(os.path.join(directory, 'config.json'))
+  if not weights:
+    return config, None
   sd = normalise_bert_keys(_read_state_dict(directory))
   shapes = jax.eval_shape(
       lambda: BertModel(config).init(jax.random.key(0), jnp.zeros((1, 2), jnp.int32),

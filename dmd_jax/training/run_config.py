@@ -16,7 +16,8 @@ import ml_collections
 
 from dmd_jax.config import BertConfig, DMDConfig, from_run_config, run_model_fields
 from dmd_jax.model import init_params
-from dmd_jax.model.bert import load_bert, resolve_bert_dir
+from dmd_jax.model.bert import load_bert
+from dmd_jax.model.target import devices_platform
 from dmd_jax.objective import LOSS_WEIGHTS
 from dmd_jax.training.steps import LAYOUTS
 
@@ -29,21 +30,17 @@ PyTree = Any
 
 def bert_config_of(run: Mapping[str, Any]) -> BertConfig:
   """The encoder's `BertConfig` alone (no weights are read)."""
-  if run['text_encoder'] == 'random':
-    return BertConfig.from_dict(dict(run['random_bert']))
-  return BertConfig.from_json_file(os.path.join(resolve_bert_dir(run['text_encoder']),
-                                                'config.json'))
+  return text_encoder(run, weights=False)[0]
 
 
-def text_encoder(run: Mapping[str, Any]) -> tuple[BertConfig, Optional[PyTree]]:
-  """(BertConfig, pretrained params or None) for `run.text_encoder`.
-
-  'random' gives the sizes in `run.random_bert` and no weights (the caller keeps its random
-  initialisation); anything else is a local Hugging Face directory or a hub id.
-  """
-  if run['text_encoder'] == 'random':
-    return bert_config_of(run), None
-  return load_bert(run['text_encoder'])
+def text_encoder(run: Mapping[str, Any], weights: bool = True
+                 ) -> tuple[BertConfig, Optional[PyTree]]:
+  """(BertConfig, pretrained params or None) for `run.text_encoder`: a local Hugging Face
+  directory or a hub id (its weights unless `weights` is off), or 'random': the sizes in
+  `run.random_bert` and no weights (the caller keeps its random initialisation)."""
+  if run['text_encoder'] != 'random':
+    return load_bert(run['text_encoder'], weights=weights)
+  return BertConfig.from_dict(dict(run['random_bert'])), None
 
 
 def with_text_encoder(params: PyTree, bert_params: Optional[PyTree]) -> PyTree:
@@ -57,10 +54,13 @@ def with_text_encoder(params: PyTree, bert_params: Optional[PyTree]) -> PyTree:
   return dict(params, text_model=bert_params)
 
 
-def model(run) -> tuple[DMDConfig, Any]:
-  """The model config and a `seed -> initial params` function (pretrained encoder loaded once)."""
+def model(run, devices=None) -> tuple[DMDConfig, Any]:
+  """The model config, its implementation choices made for `devices` (default: this process's
+  devices, where the run trains), and a `seed -> initial params` function (pretrained encoder
+  loaded once)."""
   bert_cfg, bert_params = text_encoder(run)
-  cfg = from_run_config(run, bert_cfg)
+  platform = devices_platform(jax.devices() if devices is None else devices)
+  cfg = from_run_config(run, bert_cfg, platform)
   return cfg, lambda seed: with_text_encoder(init_params(cfg, jax.random.key(seed)),
                                              bert_params)
 
