@@ -134,8 +134,18 @@ def test_dhmd_parameters_are_dmd_plus_the_dictionaries():
   assert set(shapes(_tiny(DictionaryConfig(enabled=False)))) == set(dmd)
 
 
-def test_branch_off_reproduces_the_dmd_parity_fixture(parity):
-  """A DHMD config with the dictionary switched off is the reference DMD, to parity tolerance."""
+def test_branch_off_reproduces_the_dmd_parity_fixture(parity_first):
+  """A DHMD config with the dictionary switched off is the reference DMD, to parity tolerance.
+  (The CI tier checks the first fixture; the slow tier every one.)"""
+  _branch_off_matches(parity_first)
+
+
+@pytest.mark.slow
+def test_branch_off_reproduces_every_dmd_parity_fixture(parity):
+  _branch_off_matches(parity)
+
+
+def _branch_off_matches(parity):
   cfg = parity.config.replace(dictionary=DictionaryConfig(enabled=False))
   params = dmd_jax.import_reference(cfg, *(parity.path / f for f in
                                            ('dmd.npz', 'homo_gd.npz', 'hetero_gd.npz')))
