@@ -69,24 +69,24 @@ def _fixture(name):
   return Fixture(root / name)
 
 
-# The longest files first. xdist gives whole files to the two workers in collection order
-# (--dist loadfile --no-loadscope-reorder, setup.cfg): the training fixtures start at once and
-# the short files fill in at the end. The order also shares compilations through the cache
-# above: the shared smoke run (`smoke_run`, asked for first by predict_test.py) compiles the
-# single-seed smoke program while seeds_test.py compiles the four-seed one; the sequential seeds,
-# train_test.py and the benchmark test then load it.
-# The benchmark test goes last: its train step (the smoke network's group step on one device) is
-# the program aot_test.py's compile-once check compiles, loaded from the cache by then.
-LONGEST_FIRST = ('seeds_test.py', 'predict_test.py', 'train_test.py', 'tpu_test.py',
-                 'model_test.py', 'parity_test.py')
-LAST = ('benchmark_test.py',)
+# The longest files first (per-file test time, one pass on the 2-core AMD host, most first), the
+# short ones at the end to fill in. xdist gives whole files to the two workers in this order
+# (--dist loadfile --no-loadscope-reorder, setup.cfg), and a worker takes its next file while the
+# last two tests of the current one run: a long file at the end would run alone while the other
+# worker idles. The order also shares compilations through the cache above: the shared smoke run
+# (`smoke_run`, asked for first by predict_test.py) compiles the single-seed smoke program while
+# seeds_test.py compiles the four-seed one; the sequential seeds, train_test.py and others then
+# load it.
+LONGEST_FIRST = ('seeds_test.py', 'predict_test.py', 'train_test.py', 'parity_test.py',
+                 'attention_test.py', 'tpu_test.py', 'dhmd_test.py', 'precision_test.py',
+                 'model_test.py', 'benchmark_test.py', 'aot_test.py', 'checkpoints_test.py',
+                 'transformer_test.py', 'readme_test.py', 'bert_test.py', 'rng_test.py',
+                 'layout_test.py')
 
 
 def pytest_collection_modifyitems(config, items):  # pylint: disable=unused-argument
   rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
-  rank.update({name: len(rank) + 1 + i for i, name in enumerate(LAST)})
-  rest = len(LONGEST_FIRST)
-  items.sort(key=lambda item: rank.get(item.path.name, rest))   # stable: the rest in order
+  items.sort(key=lambda item: rank.get(item.path.name, len(rank)))   # stable: the rest in order
 
 
 @pytest.fixture(scope='session', params=FIXTURES)
