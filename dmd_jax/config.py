@@ -362,12 +362,10 @@ def run_model_fields(dataset: str, aligned: bool) -> dict[str, Any]:
           if f.name not in RUN_DERIVED_FIELDS + ('dictionary',)}
 
 
-def from_run_config(run: Mapping[str, Any], bert: BertConfig,
-                    platform: Optional[str] = None) -> DMDConfig:
+def from_run_config(run: Mapping[str, Any], bert: BertConfig) -> DMDConfig:
   """The `DMDConfig` of a run config (`configs/*.py`): dataset, alignment and `model.*` fields,
   with the text encoder's `BertConfig`; fields it lacks keep their released values. Unknown
-  `model` keys are rejected by name. `platform` ('cpu', 'gpu', 'tpu'), when given, is the one
-  the implementation choices are made for (`AttentionConfig.platform`)."""
+  `model` keys are rejected by name."""
   model = dict(run['model'])
   known = [f.name for f in dataclasses.fields(DMDConfig) if f.name not in RUN_DERIVED_FIELDS]
   unknown = sorted(set(model) - set(known))
@@ -380,7 +378,4 @@ def from_run_config(run: Mapping[str, Any], bert: BertConfig,
     model['attention'] = AttentionConfig.from_dict(dict(model['attention']))
   else:
     model.pop('attention', None)
-  cfg = reference_config(run['dataset'], bool(run['aligned']), bert=bert, **model)
-  if platform is not None:
-    cfg = cfg.replace(attention=dataclasses.replace(cfg.attention, platform=platform))
-  return cfg
+  return reference_config(run['dataset'], bool(run['aligned']), bert=bert, **model)

@@ -13,12 +13,11 @@ from typing import Any, Mapping, Optional
 
 import jax
 import ml_collections
-import numpy as np
 
 from dmd_jax.config import BertConfig, DMDConfig, from_run_config, run_model_fields
 from dmd_jax.model import init_params
 from dmd_jax.model.bert import load_bert
-from dmd_jax.model.target import devices_platform
+from dmd_jax.model.target import for_devices
 from dmd_jax.objective import LOSS_WEIGHTS
 from dmd_jax.training.steps import LAYOUTS
 
@@ -60,8 +59,7 @@ def model(run, devices=None) -> tuple[DMDConfig, Any]:
   devices, where the run trains), and a `seed -> initial params` function (pretrained encoder
   loaded once)."""
   bert_cfg, bert_params = text_encoder(run)
-  platform = devices_platform(np.asarray(jax.devices() if devices is None else devices).flat)
-  cfg = from_run_config(run, bert_cfg, platform)
+  cfg = for_devices(from_run_config(run, bert_cfg), jax.devices() if devices is None else devices)
   return cfg, lambda seed: with_text_encoder(init_params(cfg, jax.random.key(seed)),
                                              bert_params)
 
