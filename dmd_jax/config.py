@@ -176,9 +176,9 @@ class AttentionConfig:
   layer_loop: str = 'auto'
   # The platform the choices above are made for: the devices the program is compiled for.
   # 'auto' = the tracing process's default backend; a run's model config is made for its
-  # devices (training.run_config.model), and training's steps and `python -m dmd_jax.aot` set it
-  # from their mesh (dmd_jax/model/target.py), so a program traced on a CPU host for a TPU slice
-  # carries TPU choices.
+  # devices (from_run_config's `platform`: training.run_config.model, `python -m dmd_jax.aot`),
+  # and training's steps refuse one made for other devices (dmd_jax/model/target.py), so a
+  # program traced on a CPU host for a TPU slice carries TPU choices.
   platform: str = 'auto'
 
   def __post_init__(self):
@@ -362,10 +362,13 @@ def run_model_fields(dataset: str, aligned: bool) -> dict[str, Any]:
           if f.name not in RUN_DERIVED_FIELDS + ('dictionary',)}
 
 
-def from_run_config(run: Mapping[str, Any], bert: BertConfig) -> DMDConfig:
+def from_run_config(run: Mapping[str, Any], bert: BertConfig, platform: str = 'auto'
+                    ) -> DMDConfig:
   """The `DMDConfig` of a run config (`configs/*.py`): dataset, alignment and `model.*` fields,
-  with the text encoder's `BertConfig`; fields it lacks keep their released values. Unknown
-  `model` keys are rejected by name."""
+  with the text encoder's `BertConfig`, its implementation choices made for `platform` (one of
+  PLATFORMS: the devices the run's programs are compiled for; it replaces the run config's
+  `model.attention.platform`); fields it lacks keep their released values. Unknown `model` keys
+  are rejected by name."""
   model = dict(run['model'])
   known = [f.name for f in dataclasses.fields(DMDConfig) if f.name not in RUN_DERIVED_FIELDS]
   unknown = sorted(set(model) - set(known))
@@ -374,8 +377,6 @@ def from_run_config(run: Mapping[str, Any], bert: BertConfig) -> DMDConfig:
   model = {k: tuple(v) if isinstance(v, list) else v for k, v in model.items()}
   if model.get('dictionary') is not None:
     model['dictionary'] = DictionaryConfig.from_dict(dict(model['dictionary']))
-  if model.get('attention') is not None:
-    model['attention'] = AttentionConfig.from_dict(dict(model['attention']))
-  else:
-    model.pop('attention', None)
+  model['attention'] = AttentionConfig.from_dict({**(model.get('attention') or {}),
+                                                   'platform': platform})
   return reference_config(run['dataset'], bool(run['aligned']), bert=bert, **model)

@@ -36,10 +36,11 @@ def test_model_config_from_shapes_without_the_encoder_weights():
   run = mosi.get_config()
   with run.unlocked():
     run.text_encoder = '/nonexistent/bert'
-  cfg, note = aot.model_config(run)
+  cfg, note = aot.model_config(run, jax.devices())
+  assert cfg.attention.platform == 'cpu'
   assert cfg.bert.hidden_size == 768 and cfg.bert.num_hidden_layers == 12
   assert 'not found here' in note and 'config.random_bert (768x12)' in note
-  cfg, note = aot.model_config(smoke.get_config())
+  cfg, note = aot.model_config(smoke.get_config(), jax.devices())
   assert cfg.bert.hidden_size == 32 and note == 'text encoder random'
 
 

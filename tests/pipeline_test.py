@@ -1,4 +1,5 @@
-"""dmd_jax.input_pipeline: per-process slices, seeded epochs, eval padding, exact resume."""
+"""dmd_jax.data.pipeline: per-process slices, seeded epochs, eval padding, epochs that depend on
+nothing but (seed, epoch), prepared datasets opened by setting."""
 
 import jax
 import numpy as np
@@ -7,7 +8,7 @@ import pytest
 import data_prep
 from dmd_jax.model import batch as batch_lib
 from dmd_jax.config import reference_config
-from dmd_jax.data.pipeline import Loader, open_split
+from dmd_jax.data.pipeline import Loader, open_dataset, open_split
 from dmd_jax.schema import dataset_path
 from dmd_jax.training.train import RunSteps
 
@@ -67,7 +68,7 @@ def test_two_processes_see_each_example_once(train):
 def test_eval_mask_counts_every_sample_once():
   src = CountingSource()
   loader = Loader(src, 8, train=False, process_count=1, process_index=0, device_count=8)
-  batches = list(loader)
+  batches = list(loader.epoch(0))
   assert len(batches) == 5 and all(b['labels'].shape == (8, 1) for b in batches)
   mask = np.concatenate([b['mask'] for b in batches])
   assert mask.sum() == N and mask[:N].all() and not mask[N:].any()
@@ -79,7 +80,7 @@ def test_eval_mask_counts_every_sample_once():
   # a process whose whole block is padding still gets a well-formed batch
   tail = Loader(CountingSource(9), 8, train=False, process_index=1, process_count=2,
                 device_count=2)
-  b = list(tail)[-1]
+  b = list(tail.epoch(0))[-1]
   assert b['mask'].tolist() == [0, 0, 0, 0] and b['audio'].shape == (4, 5, 2)
 
 
@@ -96,35 +97,24 @@ def test_shuffling_is_seeded_per_epoch_and_train_batches_are_full():
     np.testing.assert_array_equal(batch['text'][:, 0, 0], batch['index'].astype(np.float32))
 
 
-def test_saved_state_resumes_exactly():
-  def run(loader, n):
-    out = []
-    while len(out) < n:
-      for batch in loader:
-        out.append(batch)
-        if len(out) == n:
-          break
-    return out
-
+def test_an_epoch_depends_on_the_seed_and_the_epoch_alone():
+  """A loader holds no position: a fresh loader (a resumed run's) reads epoch e, or its tail from
+  batch k, exactly as one that has read every epoch before it."""
   make = lambda: Loader(CountingSource(), 8, train=True, seed=9, process_count=1,
                         process_index=0, device_count=8)
-  full = run(make(), 11)                 # 4 batches per epoch: crosses two epoch boundaries
-  first = make()
-  head = run(first, 6)
-  state = first.get_state()
-  assert state['epoch'] == 1 and state['batch'] == 2
-  resumed = make()
-  resumed.set_state(dict(state))
-  tail = run(resumed, 5)
-  for want, got in zip(full, head + tail):
+  used = make()
+  before = [list(used.epoch(e)) for e in range(3)]     # 4 batches per epoch
+  again = list(used.epoch(1))
+  fresh = make()
+  for want, got in zip(before[1], again):
+    assert want.keys() == got.keys()
     for key in want:
       np.testing.assert_array_equal(want[key], got[key])
-  other = Loader(CountingSource(), 8, train=True, seed=10, process_count=1, process_index=0,
-                 device_count=8)
-  with pytest.raises(ValueError, match='saved with seed=9, this loader has seed=10'):
-    other.set_state(state)
-  with pytest.raises(ValueError, match='batch=7 out of range'):
-    make().set_state({'epoch': 0, 'batch': 7})
+  for want, got in zip(before[2][2:], fresh.epoch(2, start=2)):
+    for key in want:
+      np.testing.assert_array_equal(want[key], got[key])
+  assert len(list(fresh.epoch(2, start=2))) == 2
+  assert not np.array_equal(before[0][0]['index'], before[1][0]['index'])
 
 
 def test_bad_batch_sizes_are_named():
@@ -137,7 +127,7 @@ def test_bad_batch_sizes_are_named():
 def test_a_loaders_batch_spans_the_runs_mesh():
   mesh = jax.sharding.Mesh(np.array(jax.devices()), ('data',))
   loader = Loader(CountingSource(), 16, train=True, seed=0)
-  local = next(iter(loader))
+  local = next(loader.epoch(0))
   steps = RunSteps(reference_config('mosi', True), mesh)      # nothing compiled: put only
   arrays = steps.put(local, keys=tuple(local))
   assert len(jax.devices()) == 8
@@ -152,8 +142,10 @@ def test_prepared_dataset_to_model_batches(tmp_path):
   pkl = data_prep.write_pickle(data, tmp_path / 'mosei.pkl')
   data_prep.prepare(pkl, 'mosei', False, tmp_path / 'tfds', num_shards=2, check_sha256=False)
   path = dataset_path(tmp_path / 'tfds', 'mosei', False)
-  loader = Loader(open_split(path, 'valid'), 4, train=False, device_count=4)
-  batches = list(loader)
+  found, sources = open_dataset(tmp_path / 'tfds', 'mosei', False)
+  assert found == path and sorted(sources) == ['test', 'train', 'valid']
+  loader = Loader(sources['valid'], 4, train=False, device_count=4)
+  batches = list(loader.epoch(0))
   assert len(batches) == 2
   cfg = reference_config('mosei', False)
   want = {k: v.shape[1:] for k, v in batch_lib.dummy_batch(cfg, 1).items()}
@@ -175,3 +167,6 @@ def test_prepared_dataset_to_model_batches(tmp_path):
     open_split(path, 'dev')
   with pytest.raises(FileNotFoundError, match='not a prepared dataset'):
     open_split(tmp_path, 'train')
+  with pytest.raises(FileNotFoundError, match='no prepared mosei dataset at .*mosei_aligned.*'
+                     '--dataset=mosei --aligned=true --pickle=.*aligned_50.pkl'):
+    open_dataset(tmp_path / 'tfds', 'mosei', True)

@@ -82,7 +82,8 @@ def test_tpu_programs_carry_no_cpu_choices_even_where_the_cpu_takes_them(slice_d
   run = _smoke(attention={**smoke.get_config().model.attention.to_dict(), 'native': 'on'})
   with run.unlocked():
     run.aligned = False
-  cfg, _ = aot.model_config(run)
+  cfg, _ = aot.model_config(run, jax.devices()[:1])
+  cpu_cfg = cfg
   cpu = Steps(cfg, group_mesh(np.asarray(jax.devices()[:1]), 1))
   assert cpu.platform == 'cpu' and cpu.config.attention.platform == 'cpu'
   params, batch = _eval_args(run, cfg)
@@ -92,18 +93,25 @@ def test_tpu_programs_carry_no_cpu_choices_even_where_the_cpu_takes_them(slice_d
   (row,) = aot.compile_programs(run, 'v5e:2x2', programs=('eval',), devices=slice_devices)
   assert 'native attention needs the CPU backend' in row['compiled']
   run.model.attention.native = 'auto'
-  cfg, _ = aot.model_config(run)
+  cfg, _ = aot.model_config(run, slice_devices)
   tpu = Steps(cfg, group_mesh(np.asarray(slice_devices), 1))
   assert tpu.platform == 'tpu' and tpu.config.attention.platform == 'tpu'
-  # a run's model config is made for the devices it is for: this process's by default
+  # a run's model config is made for the devices it is for: this process's by default; steps
+  # refuse a config made for other devices
   assert run_config.model(run, slice_devices)[0].attention.platform == 'tpu'
   assert run_config.model(run)[0].attention.platform == 'cpu'
+  with pytest.raises(ValueError, match=r"made for cpu \(attention.platform='cpu'\) but these "
+                     'steps compile for tpu devices'):
+    Steps(run_config.model(run)[0], tpu.mesh)
+  with pytest.raises(ValueError, match=r"made for cpu \(attention.platform='auto'\)"):
+    Steps(dataclasses.replace(cfg, attention=dataclasses.replace(cfg.attention,
+                                                                 platform='auto')), tpu.mesh)
   text = tpu.eval.lower(*_eval_args(run, cfg, tpu)).as_text()
   assert not _custom_calls(text), _custom_calls(text)
   # the CPU head loop (lax.map over heads, batch chunks) is not in the TPU program: its loops are
   # the layer scans alone, which the CPU program (native kernel off) has too
-  cpu_off = Steps(dataclasses.replace(cfg, attention=dataclasses.replace(
-      cfg.attention, native='off')), cpu.mesh)
+  cpu_off = Steps(dataclasses.replace(cpu_cfg, attention=dataclasses.replace(
+      cpu_cfg.attention, native='off')), cpu.mesh)
   cpu_text = cpu_off.eval.lower(params, batch).as_text()
   loops = lambda t: t.count('stablehlo.while')
   assert 0 < loops(text) < loops(cpu_text)
@@ -124,7 +132,7 @@ def test_float32_setting_traces_highest_precision_products_for_the_slice(smoke_t
   count, seen = _precisions(smoke_train_row['stablehlo'])
   assert count > 100 and seen == {'HIGHEST'}        # forward and backward of every layer
   run = _smoke(matmul_precision='default')
-  cfg, _ = aot.model_config(run)
+  cfg, _ = aot.model_config(run, slice_devices)
   steps = Steps(cfg, group_mesh(np.asarray(slice_devices), 1))
   count, seen = _precisions(steps.eval.lower(*_eval_args(run, cfg, steps)).as_text())
   assert count > 50 and seen == {'DEFAULT'}

@@ -54,7 +54,7 @@ def test_8_devices_match_1_device(data_dir):
   cfg, init = run_config.model(run)
   loader = Loader(open_split(dataset_path(data_dir, 'mosi', True), 'train'), 8, train=True,
                   seed=1, device_count=8)
-  batches = [b for _, b in zip(range(4), loader)]
+  batches = [b for _, b in zip(range(4), loader.epoch(0))]
   results = []
   for devices in (jax.devices(), jax.devices()[:1]):
     steps = train.RunSteps(cfg, Mesh(np.asarray(devices), ('data',)))   # a single run
@@ -207,15 +207,17 @@ def test_failures_are_named(data_dir, tmp_path):
   run = smoke_config(str(tmp_path / 'empty'))
   run.synthetic = None
   with pytest.raises(FileNotFoundError, match='python -m data_prep.mmsa --dataset=mosi '
-                     '--aligned=true'):
-    inputs.data_path(run)
+                     '--aligned=true.*, or point --config.data_dir at'):
+    inputs.open_data(run)
   # a synthetic config's dataset is made by the command (`prepare_synthetic`), not by a run
   run = smoke_config(str(tmp_path / 'syn'))
   with pytest.raises(FileNotFoundError, match='no prepared synthetic mosi dataset at .*'
                      r'prepare_synthetic\(run\)'):
-    inputs.data_path(run)
+    inputs.open_data(run)
   inputs.prepare_synthetic(run)
-  assert inputs.data_path(run) == dataset_path(str(tmp_path / 'syn'), 'mosi', True)
+  data = inputs.open_data(run)
+  assert data.path == dataset_path(str(tmp_path / 'syn'), 'mosi', True)
+  assert sorted(data.train) == list(run.seeds) and len(data.valid.source) == 24
   with pytest.raises(ValueError, match=r'config.batch_size=0: must be >= 1'):
     run_config.validate_run(smoke_config(data_dir, batch_size=0))
   with pytest.raises(ValueError, match=r"config.mode='fit'"):
@@ -273,7 +275,7 @@ def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(data_dir, clean
       self.train = poisoned
 
   monkeypatch.setattr(train, 'cached_run_steps', Poisoned)
-  data = inputs.loaders(run, dataset_path(data_dir, 'mosi', True), [1111])
+  data = inputs.open_data(run)
   with pytest.raises(FloatingPointError, match='non-finite training loss in epoch 4'):
     train.train_run(run, cfg, init, train.Member(1111, str(work)), data, log=lambda *_: None)
   assert sorted(os.listdir(work / 'checkpoints')) == before
@@ -294,7 +296,7 @@ def test_a_run_resumed_after_its_best_epoch_reports_the_best_epochs_parameters(
   os.remove(work / 'checkpoints' / f'digests-{last}.json')
   run = smoke_config(data_dir)
   cfg, init = run_config.model(run)
-  data = inputs.loaders(run, dataset_path(data_dir, 'mosi', True), [1111])
+  data = inputs.open_data(run)
   logs = []
   got = train.train_run(run, cfg, init, train.Member(1111, str(work)), data, log=logs.append)
   assert any(f'resumed after epoch {last - 1}' in line for line in logs)
@@ -321,7 +323,7 @@ def test_exported_edges_are_normalised_and_match_the_model(data_dir, clean_run):
     params, _ = checkpoints.restore_state(mngr, mngr.latest_step(), init(0))
   loader = Loader(open_split(dataset_path(data_dir, 'mosi', True), 'test'), 8, train=False,
                   device_count=8)
-  batch = next(iter(loader))
+  batch = next(loader.epoch(0))
   out = jax.jit(lambda p, b: dmd_jax.forward(p, b, cfg))(params, batch)
   direct = jax.device_get({u: out[f'edges_{u}'] for u in edges.UNITS})
   rows = [int(np.where(f['index'] == i)[0][0]) for i in batch['index']]

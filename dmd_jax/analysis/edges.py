@@ -21,7 +21,6 @@ from matplotlib.figure import Figure
 from dmd_jax import fileio
 from dmd_jax.analysis.dictionary import write_activations
 from dmd_jax.config import DMDConfig
-from dmd_jax.model.gd_unit import edges_to_matrix
 from dmd_jax.schema import (DISPLAY_EDGE_NAMES, DISPLAY_ORDER, MODALITIES, STUDENT, TEACHER,
                             UNITS)
 
@@ -37,9 +36,11 @@ def edge_vector(matrices: np.ndarray) -> np.ndarray:
 
 
 def prior_matrix(cfg: DMDConfig, unit: str) -> np.ndarray:
-  """The unit's prior as a [source, target] matrix."""
-  prior = cfg.gd_prior_homo if unit == 'homo' else cfg.gd_prior_hetero
-  return np.asarray(edges_to_matrix(np.asarray(prior, np.float32)[None]))[0]
+  """The unit's prior (six edges in the reference's order) as a [source, target] matrix, zero
+  diagonal: the layout of the model's edge matrices (`model.gd_unit.edges_to_matrix`)."""
+  m = np.zeros((3, 3), np.float32)
+  m[TEACHER, STUDENT] = cfg.gd_prior_homo if unit == 'homo' else cfg.gd_prior_hetero
+  return m
 
 
 def summarize(per_sample: Mapping[str, np.ndarray], labels: np.ndarray | None = None,
@@ -56,8 +57,9 @@ def summarize(per_sample: Mapping[str, np.ndarray], labels: np.ndarray | None = 
                               'count': int(f(y).sum())} if f(y).any() else {'count': 0})
                          for g, f in GROUPS.items()}
     if cfg is not None:
-      entry['prior'] = prior_matrix(cfg, u).tolist()
-      entry['weighted_mean'] = (m.mean(0) + prior_matrix(cfg, u)).tolist()
+      prior = prior_matrix(cfg, u)
+      entry['prior'] = prior.tolist()
+      entry['weighted_mean'] = (m.mean(0) + prior).tolist()
     out[u] = entry
   return out
 

@@ -1,14 +1,17 @@
 """Input pipeline: a prepared MMSA dataset (data_prep) -> per-process batches, with grain.
 
-Where a setting's prepared dataset lives: `dmd_jax.schema.dataset_path(data_dir, dataset, aligned)`.
+Where a setting's prepared dataset lives: `dmd_jax.schema.dataset_path(data_dir, dataset, aligned)`;
+`open_dataset(data_dir, dataset, aligned)` opens its splits.
 
     loader = Loader(open_split(path, 'train'), global_batch_size=16, train=True, seed=1111)
     for epoch in range(n_epochs):
-      for batch in loader:          # the rest of the current epoch; then the state moves on
-        ...                          # batch: text (b,3,50) audio vision labels (b,1) mask index
-    state = loader.get_state()       # JSON-able; loader.set_state(state) resumes exactly there
+      for batch in loader.epoch(epoch):   # epoch e's batches: a function of (seed, e) alone
+        ...       # batch: text (b,3,50) audio vision labels (b,1) mask index
 
-Each epoch has one global order of sample indices, the same for every process: a seeded
+A loader holds no position: epoch e's batches depend only on the loader's seed, the split's
+size, the global batch and e, so a run resumed after epoch e reads epoch e + 1 as an uninterrupted
+one does (training keeps those numbers in its checkpoints and compares them at resume). Each
+epoch has one global order of sample indices, the same for every process: a seeded
 permutation for training (the last partial batch is dropped, as the reference never steps on it)
 or the file order for evaluation (the last batch padded; `mask` is 0 on padding, so each sample
 counts exactly once). Global batch k is positions [k*B, (k+1)*B) of that order; process p of P
@@ -27,15 +30,35 @@ import jax
 import numpy as np
 import tensorflow_datasets as tfds
 
-from dmd_jax.schema import RECORD_KEYS
+from dmd_jax.schema import FILE_NAMES, RECORD_KEYS, SPLITS, dataset_path
 
 Batch = dict[str, np.ndarray]
+
+
+def is_prepared(path: str | os.PathLike) -> bool:
+  """Whether a prepared dataset (its TFDS dataset_info.json) is at `path`."""
+  return os.path.isfile(os.path.join(os.path.expanduser(os.fspath(path)), 'dataset_info.json'))
+
+
+def open_dataset(data_dir: str | os.PathLike, dataset: str, aligned: bool
+                 ) -> tuple[str, dict[str, Any]]:
+  """(path, every split as a random-access source) of a setting's prepared dataset in
+  `data_dir` (where data_prep.mmsa writes it); a missing one is named with the command that
+  prepares it."""
+  path = dataset_path(data_dir, dataset, aligned)
+  if not is_prepared(path):
+    raise FileNotFoundError(
+        f'no prepared {dataset} dataset at {path}; prepare it once with `python -m '
+        f'data_prep.mmsa --dataset={dataset} --aligned={str(bool(aligned)).lower()} '
+        f'--pickle=/path/to/{dataset.upper()}/Processed/{FILE_NAMES[bool(aligned)]} '
+        f'--data_dir={data_dir}`')
+  return path, {split: open_split(path, split) for split in SPLITS}
 
 
 def open_split(path: str | os.PathLike, split: str):
   """Random-access source of one split of a prepared dataset directory (array_record shards)."""
   path = os.path.expanduser(os.fspath(path))
-  if not os.path.isfile(os.path.join(path, 'dataset_info.json')):
+  if not is_prepared(path):
     raise FileNotFoundError(
         f'{path} is not a prepared dataset (no dataset_info.json); create it with '
         'python -m data_prep.mmsa --dataset=... --aligned=... --pickle=... --data_dir=DIR and '
@@ -50,7 +73,7 @@ def open_split(path: str | os.PathLike, split: str):
 
 
 class Loader:
-  """Deterministic, resumable batches of one split for this JAX process."""
+  """Deterministic batches of one split for this JAX process, epoch by epoch."""
 
   def __init__(self, source: Sequence[Mapping[str, Any]], global_batch_size: int, *,
                train: bool, seed: int = 0, process_index: int | None = None,
@@ -81,8 +104,6 @@ class Loader:
     else:
       self.num_batches = -(-self.num_examples // self.global_batch_size)
     self._read_options = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch)
-    self._epoch = 0
-    self._batch = 0
     self._zeros = None
 
   # -- the order --------------------------------------------------------------------------------
@@ -134,31 +155,5 @@ class Loader:
     ds = self.epoch_dataset(epoch)[start:]
     return iter(ds.to_iter_dataset(self._read_options))
 
-  # -- stateful iteration -----------------------------------------------------------------------
   def __len__(self) -> int:
     return self.num_batches
-
-  def __iter__(self) -> Iterator[Batch]:
-    """The rest of the current epoch; the state advances with every batch handed out."""
-    epoch, start = self._epoch, self._batch
-    for batch in self.epoch(epoch, start):
-      self._batch += 1
-      yield batch
-    self._epoch, self._batch = epoch + 1, 0
-
-  def get_state(self) -> dict[str, int]:
-    return {'epoch': self._epoch, 'batch': self._batch, 'seed': self.seed,
-            'num_examples': self.num_examples, 'global_batch_size': self.global_batch_size}
-
-  def set_state(self, state: Mapping[str, int]) -> None:
-    for key in ('seed', 'num_examples', 'global_batch_size'):
-      if key in state and int(state[key]) != getattr(self, key):
-        raise ValueError(f'loader state was saved with {key}={state[key]}, this loader has '
-                         f'{key}={getattr(self, key)}')
-    epoch, batch = int(state['epoch']), int(state['batch'])
-    if epoch < 0 or not 0 <= batch <= self.num_batches:
-      raise ValueError(f'loader state epoch={epoch}, batch={batch} out of range '
-                       f'(0..{self.num_batches} batches per epoch)')
-    if batch == self.num_batches:
-      epoch, batch = epoch + 1, 0
-    self._epoch, self._batch = epoch, batch

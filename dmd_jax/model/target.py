@@ -5,8 +5,10 @@ attention kernel, the CPU head loop and the layer-loop heuristic) are made for t
 program is compiled for, never for the host that traces it: a train step traced on a CPU host for
 a Cloud TPU slice (python -m dmd_jax.aot) must carry TPU choices. `AttentionConfig.platform`
 names that platform; 'auto' means the default backend of the tracing process, which is right for
-a program that runs where it is traced (tests, the initialiser). Training's `Steps` and the
-ahead-of-time compile set it from their mesh (`for_devices`).
+a program that runs where it is traced (tests, the initialiser). A run's model config is made for
+the devices it trains on (`training.run_config.model(run, devices)`, through
+`config.from_run_config(run, bert, platform)`); training's steps check that it fits their mesh,
+and a stored config is made for another platform with `for_platform` (prediction).
 """
 
 from __future__ import annotations
@@ -36,8 +38,9 @@ def platform_of(config: AttentionConfig) -> str:
 
 
 def devices_platform(devices: Iterable) -> str:
-  """The one platform family of `devices` (a mesh's devices, or topology devices)."""
-  found = {family(d.platform) for d in devices}
+  """The one platform family of `devices` (a list or an array of devices: a mesh's, or a TPU
+  topology's)."""
+  found = {family(d.platform) for d in getattr(devices, 'flat', devices)}
   if len(found) != 1:
     raise ValueError(f'devices of several platforms: {sorted(found)}')
   return found.pop()
@@ -46,11 +49,6 @@ def devices_platform(devices: Iterable) -> str:
 def for_platform(cfg: DMDConfig, platform: str) -> DMDConfig:
   """`cfg` with its implementation choices made for `platform` ('cpu', 'gpu', 'tpu')."""
   return cfg.replace(attention=dataclasses.replace(cfg.attention, platform=family(platform)))
-
-
-def for_devices(cfg: DMDConfig, devices) -> DMDConfig:
-  """`cfg` with its implementation choices made for `devices` (an array or list of devices)."""
-  return for_platform(cfg, devices_platform(list(getattr(devices, 'flat', devices))))
 
 
 def compiler_options(platform: str) -> Optional[dict[str, str]]:

@@ -34,6 +34,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from dmd_jax.config import BertConfig, DMDConfig, from_run_config
 from dmd_jax.model import init_params, predict_step
+from dmd_jax.model.target import devices_platform
 from dmd_jax.schema import BATCH_KEYS, EVAL_KEYS
 from dmd_jax.training.train import cached_optimizer
 from dmd_jax.training.run_config import bert_config_of
@@ -93,10 +94,10 @@ def chip_of(device) -> Chip:
                      f'{sorted(CHIPS)}') from None
 
 
-def model_config(run) -> tuple[DMDConfig, str]:
-  """The run's model config from shapes alone: the text encoder's config.json where it is a
-  local directory or cached hub id, else the sizes in `run.random_bert` (bert-base by default;
-  the note says which)."""
+def model_config(run, devices) -> tuple[DMDConfig, str]:
+  """The run's model config for `devices` from shapes alone: the text encoder's config.json
+  where it is a local directory or cached hub id, else the sizes in `run.random_bert` (bert-base
+  by default; the note says which)."""
   try:
     bert = bert_config_of(run)
     note = f'text encoder {run.text_encoder}'
@@ -104,7 +105,7 @@ def model_config(run) -> tuple[DMDConfig, str]:
     bert = BertConfig.from_dict(dict(run.random_bert))
     note = (f'text encoder {run.text_encoder} not found here ({str(e).splitlines()[0]}); '
             f'shapes from config.random_bert ({bert.hidden_size}x{bert.num_hidden_layers})')
-  return from_run_config(run, bert), note
+  return from_run_config(run, bert, devices_platform(devices)), note
 
 
 def _struct(shape, dtype, sharding) -> jax.ShapeDtypeStruct:
@@ -121,9 +122,11 @@ def _batch(cfg: DMDConfig, lead: tuple, keys: Iterable[str]) -> dict[str, tuple]
 
 
 def abstract_member_state(run, cfg: DMDConfig):
-  """One member's train state as shapes (no initialiser runs)."""
+  """One member's train state as shapes (no initialiser runs). The initialiser is traced here,
+  with this host's implementation choices: the shapes are those of every platform."""
   tx = cached_optimizer(run.learning_rate, run.update_epochs, run.grad_clip)
-  return jax.eval_shape(lambda k: create_train_state(init_params(cfg, k), tx),
+  here = cfg.replace(attention=dataclasses.replace(cfg.attention, platform='auto'))
+  return jax.eval_shape(lambda k: create_train_state(init_params(here, k), tx),
                         jax.random.key(0))
 
 
@@ -182,7 +185,7 @@ def compile_programs(run, topology: str, *, programs: Iterable[str] = ('train', 
   devices = topology_devices(topology) if devices is None else list(devices)
   chip = chip_of(devices[0]) if devices[0].platform == 'tpu' else Chip(
       devices[0].platform, 0, 1.0, 1.0)
-  cfg, note = model_config(run)
+  cfg, note = model_config(run, devices)
   k = len(run.seeds) if run.get('seeds_per_program', 0) in (0, None) else min(
       len(run.seeds), run.seeds_per_program)
   mesh = group_mesh(np.asarray(devices), k)

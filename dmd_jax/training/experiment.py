@@ -18,15 +18,14 @@ import jax
 from jax.sharding import Mesh
 import numpy as np
 
-from dmd_jax import schema
+from dmd_jax import fileio, schema
 from dmd_jax.analysis import edges
 from dmd_jax.analysis.metrics import METRIC_NAMES
-from dmd_jax.data.pipeline import Loader
 from dmd_jax.provenance import git_commit
 from dmd_jax.training import checkpoints
 from dmd_jax.training.group import train_group
-from dmd_jax.training.inputs import constant_baseline, data_path, loaders
-from dmd_jax.training.outputs import write_json, write_predictions, write_text
+from dmd_jax.training.inputs import constant_baseline, open_data
+from dmd_jax.training.outputs import on_main_process, write_json, write_predictions, write_text
 from dmd_jax.training.run_config import (check_run_folder, model, setup_compile_cache,
                                          validate_run)
 from dmd_jax.training.train import Member, cached_run_steps, evaluate, train_run
@@ -63,28 +62,26 @@ def run_training(run, workdir: str, *, progress: bool = True, log=print) -> dict
   for note in check_run_folder(run, workdir):
     log(f'note: {note} (stored -> this command; does not change results)')
   setup_compile_cache(run)
-  path = data_path(run)
+  data = open_data(run)
+  baseline = constant_baseline(data)        # what every model must beat
   cfg, init = model(run)
+  # The config that decides this run's results, written once its data and text encoder are
+  # found: what `python -m dmd_jax.export_edges --workdir`, bundles and later commands read back.
+  if on_main_process() and not os.path.isfile(os.path.join(workdir, 'config.json')):
+    fileio.atomic_write(os.path.join(workdir, 'config.json'), run.to_json_best_effort(indent=1))
   todo = groups(run, workdir)
-  log(f'{run.dataset} {"aligned" if run.aligned else "unaligned"} from {path}; '
+  log(f'{run.dataset} {"aligned" if run.aligned else "unaligned"} from {data.path}; '
       f'{jax.device_count()} device(s) in {jax.process_count()} process(es); '
       f'global batch {run.batch_size}; seeds {list(run.seeds)}; '
-      f'{sum(map(len, todo))} run(s) in {len(todo)} program(s)')
-  # The config that decides this run's results, written once: what `python -m
-  # dmd_jax.export_edges --workdir`, bundles and later commands read back.
-  if not os.path.isfile(os.path.join(workdir, 'config.json')):
-    write_text(os.path.join(workdir, 'config.json'), run.to_json_best_effort(indent=1))
+      f'{sum(map(len, todo))} run(s) in {len(todo)} program(s); constant prediction (train '
+      f"mean {baseline['train_mean']:.4f}): test MAE {baseline['test_MAE']:.4f}")
   results = {}
   for group in todo:
-    data = loaders(run, path, [m.seed for m in group])
     if len(group) == 1 and run.get('state_layout', 'auto') != 'fsdp':
       rows = [train_run(run, cfg, init, group[0], data, progress=progress, log=log)]
     else:      # seeds together, sweeps, and a sharded member state: one vmapped program
       rows = train_group(run, cfg, init, group, data, progress=progress, log=log)
     results.update({m.workdir: row for m, row in zip(group, rows)})
-  baseline = constant_baseline(path)
-  log(f"constant prediction (train mean {baseline['train_mean']:.4f}): test MAE "
-      f"{baseline['test_MAE']:.4f}")
   commit = git_commit()
   tables = {}
   for folder, _ in sweep_members(run):
@@ -155,7 +152,7 @@ def _split_from_checkpoint(run, workdir: str, split: str, seed: int, checkpoint:
   if split not in schema.SPLITS:
     raise ValueError(f'split must be one of {schema.SPLITS}, got {split!r}')
   setup_compile_cache(run)
-  path = data_path(run)
+  data = open_data(run)
   cfg, init = model(run)
   ckpt = checkpoint or os.path.join(workdir, f'seed_{seed}', 'best')
   if not os.path.isdir(ckpt):
@@ -165,11 +162,8 @@ def _split_from_checkpoint(run, workdir: str, split: str, seed: int, checkpoint:
   steps = cached_run_steps(cfg, Mesh(np.asarray(jax.devices()), ('data',)))
   params = jax.device_put(checkpoints.restore_any(ckpt, jax.eval_shape(init, 0)),
                           steps.replicated)
-  data = loaders(run, path, [seed])
-  loader = data.train[0] if split == 'train' else getattr(data, split)
-  if split == 'train':   # every training sample once, in file order
-    loader = Loader(loader.source, run.batch_size, train=False)
-  return cfg, steps, params, loader, data, ckpt
+  # every sample of the split once, in file order (for 'train' too)
+  return cfg, steps, params, data.eval_loader(split), data, ckpt
 
 
 def run_eval(run, workdir: str, *, log=print) -> dict[str, Any]:

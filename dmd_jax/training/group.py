@@ -35,7 +35,8 @@ from dmd_jax.training.state import create_train_state
 from dmd_jax.training.steps import (Steps, choose_layout, device_memory, evaluate, group_mesh,
                                     stack, state_bytes)
 from dmd_jax.training.train import (Member, best_params, cached_optimizer, check_finite,
-                                    epoch_record, finish_record, fold, newest_intact, resume)
+                                    data_order, epoch_record, finish_record, fold, newest_intact,
+                                    resume)
 
 
 @dataclasses.dataclass
@@ -57,14 +58,13 @@ def train_group(run, cfg: DMDConfig, init_params: Callable[[int], Any], members:
   """Train every member to its early stop (or `run.max_epochs`) in one compiled program; return
   each member's result (test metrics at its best valid epoch)."""
   k = len(members)
-  if len(data.train) != k:
-    raise ValueError(f'{k} members but {len(data.train)} training loaders')
+  loaders = [data.train[m.seed] for m in members]
   mesh = group_mesh(devices if devices is not None else jax.devices(), k)
   # one optimizer for the group (a static part of the stacked state); each member's learning
   # rate lives in its optimizer state
   tx = cached_optimizer(run.learning_rate, run.update_epochs, run.grad_clip)
   states, runs = [], []
-  for m, loader in zip(members, data.train):
+  for m, loader in zip(members, loaders):
     out = SeedOutputs(m.workdir, m.seed, epochs=run.max_epochs,
                       steps_per_epoch=loader.num_batches, progress=progress and k == 1,
                       figures=run.get('figures', True), log=log)
@@ -88,7 +88,7 @@ def train_group(run, cfg: DMDConfig, init_params: Callable[[int], Any], members:
                          device_memory(mesh.devices.flat[0]))
   steps = cached_steps(Steps, cfg, mesh, layout)
   compiled_before = dict(steps.traces)
-  states, bests = _resume(runs, states, data)
+  states, bests = _resume(runs, states, loaders)
   state = steps.put_members(stack(states))
   best = steps.put_members(stack(bests))
   rngs = steps.keys(np.asarray([m.seed for m in members], np.uint32))
@@ -106,16 +106,16 @@ def train_group(run, cfg: DMDConfig, init_params: Callable[[int], Any], members:
              f'{last_good} (its digests verified at resume)' if epoch > 1 else
              f'epoch {epoch}; no checkpoint was saved yet')
     active = np.asarray([r.active for r in runs])
-    state, sums, count = train_epoch(steps, state, data.train, rngs, active, run.log_every,
+    state, sums, count = train_epoch(steps, state, loaders, epoch, rngs, active, run.log_every,
                                      bar.step if bar else (lambda: None), where)
-    valid = evaluate(steps, state.params, data.valid, active)
-    test = evaluate(steps, state.params, data.test, active)
+    v_results = evaluate(steps, state.params, data.valid, active)
+    t_results = evaluate(steps, state.params, data.test, active)
     lrs = np.asarray(jax.device_get(state.opt_state.inner.hyperparams['learning_rate']), np.float64)
     new_lrs, improved, stops = lrs.copy(), np.zeros(k, bool), np.zeros(k, bool)
     for i, r in enumerate(runs):
       if not r.active:
         continue
-      v_metrics = valid[i][0]
+      v_metrics = v_results[i][0]
       if not np.isfinite(v_metrics['Loss']):
         raise FloatingPointError(f'non-finite validation loss of {r.member.name} in {where} '
                                  '(before this epoch)')
@@ -127,15 +127,15 @@ def train_group(run, cfg: DMDConfig, init_params: Callable[[int], Any], members:
     for i, r in enumerate(runs):
       if not r.active:
         continue
-      (v_metrics, v_out), (t_metrics, t_out) = valid[i], test[i]
+      (v_metrics, v_out), (t_metrics, t_out) = v_results[i], t_results[i]
       if improved[i]:
         checkpoints.save_state(r.best, epoch, steps.host_member(state.params, i),
                                {'epoch': epoch, 'valid': v_metrics, 'seed': r.member.seed})
       record = epoch_record(epoch, float(lrs[i]), {key: v[i] for key, v in sums.items()}, count,
-                            v_metrics, t_metrics, v_out, t_out, data.train[i].global_batch_size,
+                            v_metrics, t_metrics, v_out, t_out, loaders[i].global_batch_size,
                             r.protocol.best_epoch, t0)
       r.meta['history'].append(record)
-      r.meta.update(epoch=epoch, loader=data.train[i].get_state(), **r.protocol.meta())
+      r.meta.update(epoch=epoch, loader=data_order(loaders[i], epoch), **r.protocol.meta())
       checkpoints.save_state(r.latest, epoch, steps.host_member(state, i), r.meta)
       r.out.epoch(record, r.meta['history'], improved[i])
       if stops[i]:
@@ -158,13 +158,13 @@ def _cached_steps(cls, cfg: DMDConfig, mesh, layout: str) -> Steps:
   return cls(cfg, mesh, layout)
 
 
-def train_epoch(steps: Steps, state, loaders: Sequence[Loader], rngs, active: np.ndarray,
-                log_every: int, on_step, where: str):
-  """One pass over every active member's training loader (a frozen member gets zeros). Metrics
-  stay on the device and are fetched every `log_every` steps (no host sync per step). Returns
-  (state, summed metrics with a leading member axis, step count)."""
+def train_epoch(steps: Steps, state, loaders: Sequence[Loader], epoch: int, rngs,
+                active: np.ndarray, log_every: int, on_step, where: str):
+  """Training epoch `epoch` (from 1) over every active member's loader (a frozen member gets
+  zeros). Metrics stay on the device and are fetched every `log_every` steps (no host sync per
+  step). Returns (state, summed metrics with a leading member axis, step count)."""
   state = steps.reset_window(state)     # the reference drops an epoch's partial window
-  iters = [iter(l) if a else None for l, a in zip(loaders, active)]
+  iters = [l.epoch(epoch - 1) if a else None for l, a in zip(loaders, active)]
   n = next(l for l, a in zip(loaders, active) if a).num_batches
   zeros = None
   on_device = steps.put_members(active)
@@ -186,16 +186,13 @@ def train_epoch(steps: Steps, state, loaders: Sequence[Loader], rngs, active: np
       pending = []
       check_finite(sums, where, active)
     on_step()
-  for it in iters:                      # the loaders move on to their next epoch
-    if it is not None:
-      for _ in it:
-        pass
   sums, count = fold(sums, count, pending)
   check_finite(sums, where, active)
   return state, sums, count
 
 
-def _resume(runs: Sequence[_Member], states: list, data: Data) -> tuple[list, list]:
+def _resume(runs: Sequence[_Member], states: list, loaders: Sequence[Loader]
+            ) -> tuple[list, list]:
   """(states, best parameters) of every member, each active one restored from its latest
   intact checkpoint, all at their common epoch (a group killed while saving may have some
   members one epoch ahead: they redo it)."""
@@ -209,7 +206,7 @@ def _resume(runs: Sequence[_Member], states: list, data: Data) -> tuple[list, li
   for i, r in enumerate(runs):
     if not r.active or common == 0:
       continue
-    states[i], r.meta = resume(r.latest, common, states[i], r.protocol, data.train[i],
+    states[i], r.meta = resume(r.latest, common, states[i], r.protocol, loaders[i],
                                r.member.name, r.out.log)
     bests[i] = best_params(r.best, states[i].params)
   return states, bests
@@ -225,7 +222,6 @@ def _finish(steps: Steps, cfg: DMDConfig, runs: Sequence[_Member], finishing: Se
     test, preds = results[i]
     r.result = finish_record(r.member, r.best, r.meta['epoch'], test, len(runs), steps.mesh,
                              {k: v - compiled_before[k] for k, v in steps.traces.items()})
-    ids = data.ids('test', preds['index']) if data.ids else [''] * len(preds['index'])
-    r.out.finish(r.result, preds, ids, r.meta['history'], cfg)
+    r.out.finish(r.result, preds, data.ids('test', preds['index']), r.meta['history'], cfg)
     r.latest.close()
     r.best.close()

@@ -1,55 +1,72 @@
 """A run's data: the prepared dataset its config names (a synthetic config's is made first by the
-command, `prepare_synthetic`), a training loader per run and the shared valid and test loaders,
-and the constant-prediction baseline every results table reports.
+command, `prepare_synthetic`), the loaders over it (a training loader per seed, the evaluation
+loaders), and the constant-prediction baseline every results table reports.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Callable, Sequence
+from typing import Any, Mapping
 
 import jax
 import numpy as np
 
 from dmd_jax import schema
 from dmd_jax.data import builder, synthetic
-from dmd_jax.data.pipeline import Loader, open_split
+from dmd_jax.data.pipeline import Loader, is_prepared, open_dataset
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class Data:
-  """Per run its training loader; one valid and one test loader shared by all."""
-  train: Sequence[Loader]
+  """A run's prepared dataset: where it is, its splits' sources, a training loader per seed of
+  the run (its own shuffling per epoch) and the evaluation loaders (every sample of a split once,
+  in file order). Loaders hold no position (an epoch's batches are a function of the seed and
+  the epoch), so the runs of a config and their evaluations share one `Data`."""
+  path: str
+  sources: Mapping[str, Any]
+  train: Mapping[int, Loader]
   valid: Loader
   test: Loader
-  ids: Callable[[str, np.ndarray], list[str]] | None = None
+
+  def ids(self, split: str, index: np.ndarray) -> list[str]:
+    """The sample ids ('video$_$clip') of rows `index` of `split`."""
+    source = self.sources[split]
+    return [source[int(i)]['id'].decode() for i in index]
+
+  def eval_loader(self, split: str) -> Loader:
+    """Every sample of `split` once, in file order ('train' too)."""
+    return Loader(self.sources[split], self.valid.global_batch_size, train=False)
 
 
-def data_path(run) -> str:
-  """The prepared dataset of the run, else a named error with the command that prepares it."""
-  path = schema.dataset_path(run.data_dir, run.dataset, run.aligned)
-  if _prepared(path):
-    return path
-  if run.get('synthetic'):
-    raise FileNotFoundError(
-        f'no prepared synthetic {run.dataset} dataset at {path}: `python -m dmd_jax.main` '
-        'makes it for this config (training.inputs.prepare_synthetic(run) from Python)')
-  pkl = schema.FILE_NAMES[bool(run.aligned)]
-  raise FileNotFoundError(
-      f'no prepared {run.dataset} dataset at {path}. Prepare it once with\n'
-      f'  python -m data_prep.mmsa --dataset={run.dataset} --aligned={str(run.aligned).lower()} '
-      f'--pickle=/path/to/{run.dataset.upper()}/Processed/{pkl} --data_dir={run.data_dir}\n'
-      'or point --config.data_dir at the data dir that holds it')
+def open_data(run) -> Data:
+  """The run's prepared dataset (`run.data_dir`, `run.dataset`, `run.aligned`) and its loaders
+  at the run's global batch size, else a named error with the command that prepares it."""
+  try:
+    path, sources = open_dataset(run.data_dir, run.dataset, run.aligned)
+  except FileNotFoundError as e:
+    if run.get('synthetic'):
+      raise FileNotFoundError(
+          f'no prepared synthetic {run.dataset} dataset at '
+          f'{schema.dataset_path(run.data_dir, run.dataset, run.aligned)}: `python -m '
+          'dmd_jax.main` makes it for this config (training.inputs.prepare_synthetic(run) from '
+          'Python)') from None
+    raise FileNotFoundError(f'{e}, or point --config.data_dir at the data dir that holds it'
+                            ) from None
+  size = run.batch_size
+  return Data(path, sources,
+              train={s: Loader(sources['train'], size, train=True, seed=s) for s in run.seeds},
+              valid=Loader(sources['valid'], size, train=False),
+              test=Loader(sources['test'], size, train=False))
 
 
 def prepare_synthetic(run) -> None:
   """For a config with `synthetic` set (configs/smoke.py, configs/demo.py): its synthetic MMSA
   pickle generated and prepared in `run.data_dir`, unless there already; by process 0. The
-  command does this before a run; the library's runs read a prepared dataset (`data_path`)."""
+  command does this before a run; the library's runs read a prepared dataset (`open_data`)."""
   syn = run.get('synthetic')
   path = schema.dataset_path(run.data_dir, run.dataset, run.aligned)
-  if not syn or _prepared(path) or jax.process_index() != 0:
+  if not syn or is_prepared(path) or jax.process_index() != 0:
     return
   pkl = os.path.join(os.path.expanduser(run.data_dir), 'synthetic',
                      f"{schema.setting_name(run.dataset, run.aligned)}.pkl")
@@ -60,27 +77,8 @@ def prepare_synthetic(run) -> None:
   try:
     builder.prepare(pkl, run.dataset, run.aligned, run.data_dir, check_sha256=False)
   except FileExistsError:   # prepared by another run while this one waited for it
-    if not _prepared(path):
+    if not is_prepared(path):
       raise
-
-
-def _prepared(path: str) -> bool:
-  """Whether a prepared dataset (its TFDS dataset_info.json) is at `path`."""
-  return os.path.isfile(os.path.join(path, 'dataset_info.json'))
-
-
-def loaders(run, path: str, seeds: Sequence[int]) -> Data:
-  """A training loader per seed (its own shuffling), one valid and one test loader."""
-  sources = {s: open_split(path, s) for s in schema.SPLITS}
-
-  def ids(split, index):
-    src = sources[split]
-    return [src[int(i)]['id'].decode() for i in index]
-
-  return Data(
-      train=[Loader(sources['train'], run.batch_size, train=True, seed=seed) for seed in seeds],
-      valid=Loader(sources['valid'], run.batch_size, train=False),
-      test=Loader(sources['test'], run.batch_size, train=False), ids=ids)
 
 
 def _labels(source) -> np.ndarray:
@@ -90,8 +88,8 @@ def _labels(source) -> np.ndarray:
   return np.asarray(out, np.float32)
 
 
-def constant_baseline(path: str) -> dict[str, float]:
+def constant_baseline(data: Data) -> dict[str, float]:
   """Test MAE of always predicting the training mean: what a model must beat."""
-  mean = float(np.mean(_labels(open_split(path, 'train'))))
-  test = _labels(open_split(path, 'test'))
+  mean = float(np.mean(_labels(data.sources['train'])))
+  test = _labels(data.sources['test'])
   return {'train_mean': mean, 'test_MAE': float(np.mean(np.abs(test - mean)))}

@@ -115,14 +115,15 @@ class SeedOutputs:
     if self.writer is not None:
       self.writer.close()
     write_predictions(os.path.join(self.workdir, 'predictions_test.csv'), preds, ids)
-    if on_main_process():
-      best = result.get('best_epoch')
-      edges.write_export(self.workdir, preds, ids, cfg, 'test', figures=self.figures,
-                         title=f'seed {self.seed}, best epoch {best}')
-      for split in ('train', 'valid') if self.figures else ():
-        edges.plot_history(history, os.path.join(self.workdir, f'edges_history_{split}'), split,
-                           best_epoch=best, seed=self.seed)
-    write_json(self.result_path, dict(result))
+    if not on_main_process():
+      return
+    best = result.get('best_epoch')
+    edges.write_export(self.workdir, preds, ids, cfg, 'test', figures=self.figures,
+                       title=f'seed {self.seed}, best epoch {best}')
+    for split in ('train', 'valid') if self.figures else ():
+      edges.plot_history(history, os.path.join(self.workdir, f'edges_history_{split}'), split,
+                         best_epoch=best, seed=self.seed)
+    fileio.write_json(self.result_path, dict(result))    # last: it marks the run finished
 
 
 class _Progress:

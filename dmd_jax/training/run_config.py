@@ -6,6 +6,7 @@ run's workdir. Nothing past this module sees a ConfigDict's model fields.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import time
@@ -17,7 +18,7 @@ import ml_collections
 from dmd_jax.config import BertConfig, DMDConfig, from_run_config, run_model_fields
 from dmd_jax.model import init_params
 from dmd_jax.model.bert import load_bert
-from dmd_jax.model.target import for_devices
+from dmd_jax.model.target import devices_platform
 from dmd_jax.objective import LOSS_WEIGHTS
 from dmd_jax.training.steps import LAYOUTS
 
@@ -58,10 +59,16 @@ def model(run, devices=None) -> tuple[DMDConfig, Any]:
   """The model config, its implementation choices made for `devices` (default: this process's
   devices, where the run trains), and a `seed -> initial params` function (pretrained encoder
   loaded once)."""
+  platform = devices_platform(jax.devices() if devices is None else devices)
   bert_cfg, bert_params = text_encoder(run)
-  cfg = for_devices(from_run_config(run, bert_cfg), jax.devices() if devices is None else devices)
-  return cfg, lambda seed: with_text_encoder(init_params(cfg, jax.random.key(seed)),
-                                             bert_params)
+  cfg = from_run_config(run, bert_cfg, platform)
+  return cfg, functools.partial(initial_params, cfg, bert_params)
+
+
+def initial_params(cfg: DMDConfig, bert_params: Optional[PyTree], seed: int) -> PyTree:
+  """A run's initial parameters for `seed`: the model's initialisers, the pretrained text
+  encoder's weights over its own (when there are any)."""
+  return with_text_encoder(init_params(cfg, jax.random.key(seed)), bert_params)
 
 
 def validate_run(run: Mapping[str, Any]) -> None:

@@ -33,7 +33,7 @@ from dmd_jax.analysis.metrics import regression_metrics
 from dmd_jax.config import DMDConfig
 from dmd_jax.data.pipeline import Loader
 from dmd_jax.model import compiler_options, forward
-from dmd_jax.model.target import devices_platform, for_devices
+from dmd_jax.model.target import devices_platform, family
 from dmd_jax.schema import BATCH_KEYS, EVAL_KEYS, UNITS
 from dmd_jax.training import optim
 from dmd_jax.training.state import train_step
@@ -126,16 +126,34 @@ def member(tree: PyTree, i: int) -> PyTree:
   return jax.tree.map(lambda x: x[i], tree)
 
 
+def check_platform(cfg: DMDConfig, platform: str) -> DMDConfig:
+  """`cfg`, when its implementation choices are made for `platform` (the devices a program is
+  compiled for; 'auto' means this process's default backend, as `target.platform_of` reads it);
+  else a named error. A run's config is made for its devices by `run_config.model(run, devices)`
+  (`config.from_run_config(run, bert, platform)` underneath)."""
+  made_for = cfg.attention.platform
+  if made_for == 'auto':
+    made_for = family(jax.default_backend())
+  if made_for != platform:
+    raise ValueError(
+        f"the model config is made for {made_for} (attention.platform="
+        f"{cfg.attention.platform!r}) but these steps compile for {platform} devices: make it "
+        f"for them (run_config.model(run, devices), or from_run_config(..., platform="
+        f"'{platform}'))")
+  return cfg
+
+
 class Steps:
-  """The group's train and eval steps, each jitted once over `mesh`, for the platform of its
-  devices, with the member state in `layout` ('replicated' or 'fsdp', see above)."""
+  """The group's train and eval steps, each jitted once over `mesh`, with the member state in
+  `layout` ('replicated' or 'fsdp', see above). `cfg` must be made for the mesh's platform
+  (`check_platform`)."""
 
   def __init__(self, cfg: DMDConfig, mesh: Mesh, layout: str = 'replicated'):
     if layout not in LAYOUTS[1:]:
       raise ValueError(f"Steps: layout must be 'replicated' or 'fsdp', got {layout!r}")
     self.mesh, self.layout = mesh, layout
     self.platform = devices_platform(mesh.devices.flat)
-    cfg = self.config = for_devices(cfg, mesh.devices)
+    cfg = self.config = check_platform(cfg, self.platform)
     options = compiler_options(self.platform)
     self.replicated = NamedSharding(mesh, P())
     self.members = NamedSharding(mesh, P('seed'))          # leading member axis

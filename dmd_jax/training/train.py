@@ -21,7 +21,7 @@ import dataclasses
 import functools
 import os
 import time
-from typing import Any, Callable, Mapping, Optional, Sequence
+from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 
 import jax
 import numpy as np
@@ -32,12 +32,13 @@ from dmd_jax.config import DMDConfig
 from dmd_jax.data.pipeline import Loader
 from dmd_jax.model import compiler_options, forward
 from dmd_jax.model.batch import random_batch
-from dmd_jax.model.target import devices_platform, for_devices
+from dmd_jax.model.target import devices_platform
 from dmd_jax.schema import BATCH_KEYS, EVAL_KEYS, UNITS
 from dmd_jax.training import checkpoints, inputs, optim, run_config
 from dmd_jax.training.inputs import Data
 from dmd_jax.training.outputs import SeedOutputs, epoch_edge_stats
 from dmd_jax.training.protocol import Plateau, Protocol
+from dmd_jax.training.steps import check_platform
 from dmd_jax.training.state import create_train_state, train_step
 
 PyTree = Any
@@ -73,9 +74,10 @@ def _drop_unit(tree: PyTree) -> PyTree:
 
 
 class RunSteps:
-  """The jitted functions of one run over `mesh` (axis 'data'), for the platform of its devices:
-  the train step, the eval step, and the two edits of the optimizer state the protocol makes
-  between epochs. Each is compiled once per input shape (`traces` counts them).
+  """The jitted functions of one run over `mesh` (axis 'data'), for a model config made for the
+  mesh's platform (`steps.check_platform`): the train step, the eval step, and the two edits of
+  the optimizer state the protocol makes between epochs. Each is compiled once per input shape
+  (`traces` counts them).
 
   The steps compute a run as the member of a group of one (the pure step vmapped over a leading
   axis of size one, added and removed inside the jitted function): XLA compiles that axis
@@ -86,7 +88,7 @@ class RunSteps:
   def __init__(self, cfg: DMDConfig, mesh: Mesh):
     self.mesh = mesh
     self.platform = devices_platform(mesh.devices.flat)
-    cfg = self.config = for_devices(cfg, mesh.devices)
+    cfg = self.config = check_platform(cfg, self.platform)
     options = compiler_options(self.platform)
     self.replicated = NamedSharding(mesh, P())
     self.batches = NamedSharding(mesh, P('data'))
@@ -148,16 +150,16 @@ def train_and_evaluate(run, workdir: str, *, progress: bool = True,
   run_config.validate_run(run)
   run_config.setup_compile_cache(run)
   cfg, init = run_config.model(run)
-  seed = run.seeds[0]
-  data = inputs.loaders(run, inputs.data_path(run), [seed])
-  return train_run(run, cfg, init, Member(seed, workdir), data, progress=progress, log=log)
+  data = inputs.open_data(run)
+  return train_run(run, cfg, init, Member(run.seeds[0], workdir), data, progress=progress,
+                   log=log)
 
 
 def train_run(run, cfg: DMDConfig, init_params: Callable[[int], Any], member: Member,
               data: Data, *, devices=None, progress: bool = False,
               log: Callable[[str], None] = print) -> dict[str, Any]:
   """`member` trained to its early stop (or `run.max_epochs`) on `devices` (default: all)."""
-  loader = data.train[0]
+  loader = data.train[member.seed]
   out = SeedOutputs(member.workdir, member.seed, epochs=run.max_epochs,
                     steps_per_epoch=loader.num_batches, progress=progress,
                     figures=run.get('figures', True), log=log)
@@ -193,7 +195,9 @@ def train_run(run, cfg: DMDConfig, init_params: Callable[[int], Any], member: Me
              f'{latest.directory} (its digests verified at resume)' if epoch > 1 else
              f'epoch {epoch}; no checkpoint was saved yet')
     state = steps.reset_window(state)   # the reference drops an epoch's partial window
-    state, sums, count = train_epoch(steps, state, loader, rng, run.log_every, out.step, where)
+    # the loader counts epochs from 0: training epoch `epoch` reads its epoch `epoch` - 1
+    state, sums, count = train_epoch(steps, state, loader.epoch(epoch - 1), rng, run.log_every,
+                                     out.step, where)
     (v_metrics, v_out), (t_metrics, t_out) = (evaluate(steps, state.params, data.valid),
                                               evaluate(steps, state.params, data.test))
     if not np.isfinite(v_metrics['Loss']):
@@ -210,16 +214,16 @@ def train_run(run, cfg: DMDConfig, init_params: Callable[[int], Any], member: Me
     record = epoch_record(epoch, old_lr, sums, count, v_metrics, t_metrics, v_out, t_out,
                           loader.global_batch_size, protocol.best_epoch, t0)
     meta['history'].append(record)
-    meta.update(epoch=epoch, loader=loader.get_state(), **protocol.meta())
+    meta.update(epoch=epoch, loader=data_order(loader, epoch), **protocol.meta())
     checkpoints.save_state(latest, epoch, jax.device_get(state), meta)
     out.epoch(record, meta['history'], improved)
 
   if best is None:        # resumed after the best epoch: its parameters are in best/
     best = best_params(best_mngr, jax.device_get(state.params))
-  test, preds = evaluate(steps, jax.device_put(best, steps.replicated), data.test)
-  result = finish_record(member, best_mngr, meta['epoch'], test, 1, mesh,
+  metrics, preds = evaluate(steps, jax.device_put(best, steps.replicated), data.test)
+  ids = data.ids('test', preds['index'])
+  result = finish_record(member, best_mngr, meta['epoch'], metrics, 1, mesh,
                          {k: v - compiled_before[k] for k, v in steps.traces.items()})
-  ids = data.ids('test', preds['index']) if data.ids else [''] * len(preds['index'])
   out.finish(result, preds, ids, meta['history'], cfg)
   latest.close()
   best_mngr.close()
@@ -261,12 +265,12 @@ def smoke(run, log: Callable[[str], None] = print) -> dict[str, float]:
   return losses
 
 
-def train_epoch(steps: RunSteps, state, loader: Loader, rng, log_every: int, on_step,
-                where: str):
-  """One pass over the training loader. Metrics stay on the device and are fetched every
-  `log_every` steps (no host sync per step). Returns (state, summed metrics, step count)."""
+def train_epoch(steps: RunSteps, state, batches: Iterable[Mapping[str, np.ndarray]], rng,
+                log_every: int, on_step, where: str):
+  """One pass over an epoch's training `batches`. Metrics stay on the device and are fetched
+  every `log_every` steps (no host sync per step). Returns (state, summed metrics, step count)."""
   sums, count, pending = None, 0, []
-  for batch in loader:
+  for batch in batches:
     state, metrics = steps.train(state, steps.put(batch), rng)
     pending.append(metrics)
     if len(pending) >= log_every:
@@ -300,15 +304,28 @@ def newest_intact(latest, name: str, log) -> int:
 
 
 def resume(latest, epoch: int, like, protocol: Protocol, loader: Loader, name: str, log):
-  """(host state, meta) of `epoch`'s checkpoint, with the protocol and the loader restored to
-  where they were; later checkpoints (a run killed while saving) are deleted."""
+  """(host state, meta) of `epoch`'s checkpoint, with the protocol restored to where it was;
+  later checkpoints (a run killed while saving) are deleted. The checkpoint's training data must
+  be `loader`'s (the same order of every epoch)."""
   for later in [s for s in latest.all_steps() if s > epoch]:
     latest.delete(later)
   state, meta = checkpoints.restore_state(latest, epoch, like)
+  saved, now = meta['loader'], data_order(loader, epoch)
+  for key in ('seed', 'num_examples', 'global_batch_size'):
+    if int(saved[key]) != now[key]:
+      raise ValueError(f'{name}: the checkpoint of epoch {epoch} in {latest.directory} was '
+                       f'trained on data with {key}={saved[key]}, this run has {now[key]}; '
+                       'train it again with --fresh')
   protocol.restore(meta)
-  loader.set_state(meta['loader'])
   log(f'{name}: resumed after epoch {epoch} from {latest.directory}')
   return state, meta
+
+
+def data_order(loader: Loader, epochs_done: int) -> dict[str, int]:
+  """What a checkpoint after `epochs_done` epochs records of its training data: the loader epoch
+  a resumed run reads next and what fixes every epoch's order (seed, split size, batch)."""
+  return {'epoch': epochs_done, 'seed': loader.seed, 'num_examples': loader.num_examples,
+          'global_batch_size': loader.global_batch_size}
 
 
 def best_params(best_mngr, like):
