@@ -255,6 +255,25 @@ def test_failures_are_named(data_dir, tmp_path):
   assert unknown.returncode != 0 and 'learning_rat' in unknown.stderr
 
 
+def test_a_checkpoint_resumes_only_on_the_data_order_it_was_trained_on():
+  loader = Loader([{}] * 37, 8, train=True, seed=9, device_count=8)
+  saved = train.data_order(loader, 3)
+  assert saved == {'epoch': 3, 'seed': 9, 'num_examples': 37, 'global_batch_size': 8}
+  train.check_data_order(saved, loader, 'seed 9')
+  # a checkpoint of an older version (its loader state) is read the same way
+  train.check_data_order({**saved, 'batch': 0}, Loader([{}] * 37, 8, train=True, seed=9,
+                                                      device_count=8), 'seed 9')
+  for other, named in ((Loader([{}] * 37, 8, train=True, seed=10, device_count=8), 'seed=9, '
+                        'this run has 10'),
+                       (Loader([{}] * 40, 8, train=True, seed=9, device_count=8),
+                        'num_examples=37, this run has 40'),
+                       (Loader([{}] * 37, 16, train=True, seed=9, device_count=8),
+                        'global_batch_size=8, this run has 16')):
+    with pytest.raises(ValueError, match=f'seed 9 was trained on data with {named}; train it '
+                       'again with --fresh'):
+      train.check_data_order(saved, other, 'seed 9')
+
+
 def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(data_dir, clean_run, tmp_path,
                                                                   monkeypatch):
   work = tmp_path / 'seed'

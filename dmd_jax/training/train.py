@@ -310,12 +310,8 @@ def resume(latest, epoch: int, like, protocol: Protocol, loader: Loader, name: s
   for later in [s for s in latest.all_steps() if s > epoch]:
     latest.delete(later)
   state, meta = checkpoints.restore_state(latest, epoch, like)
-  saved, now = meta['loader'], data_order(loader, epoch)
-  for key in ('seed', 'num_examples', 'global_batch_size'):
-    if int(saved[key]) != now[key]:
-      raise ValueError(f'{name}: the checkpoint of epoch {epoch} in {latest.directory} was '
-                       f'trained on data with {key}={saved[key]}, this run has {now[key]}; '
-                       'train it again with --fresh')
+  check_data_order(meta['loader'], loader, f'{name}: the checkpoint of epoch {epoch} in '
+                   f'{latest.directory}')
   protocol.restore(meta)
   log(f'{name}: resumed after epoch {epoch} from {latest.directory}')
   return state, meta
@@ -326,6 +322,15 @@ def data_order(loader: Loader, epochs_done: int) -> dict[str, int]:
   a resumed run reads next and what fixes every epoch's order (seed, split size, batch)."""
   return {'epoch': epochs_done, 'seed': loader.seed, 'num_examples': loader.num_examples,
           'global_batch_size': loader.global_batch_size}
+
+
+def check_data_order(saved: Mapping[str, int], loader: Loader, what: str) -> None:
+  """A named error unless `loader` orders every epoch as the data `saved` (a checkpoint's
+  `data_order`) did."""
+  for key in ('seed', 'num_examples', 'global_batch_size'):
+    if int(saved[key]) != getattr(loader, key):
+      raise ValueError(f'{what} was trained on data with {key}={saved[key]}, this run has '
+                       f'{getattr(loader, key)}; train it again with --fresh')
 
 
 def best_params(best_mngr, like):
