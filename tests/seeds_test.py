@@ -352,7 +352,7 @@ def test_demo_member_first_step_beside_another_equals_its_step_alone():
                  for s in (1, 2))
 
   def first_step(seeds, batches):
-    steps = Steps(cfg, make_mesh(jax.devices()[:1], len(seeds)))
+    steps = Steps(cfg, make_mesh(jax.devices()[:1]))     # the members on one device
     state = steps.put_members(stack([dmd_jax.create_train_state(init(s), tx) for s in seeds]))
     state, metrics = steps.train(state, steps.put(stack(batches)),
                                  steps.keys(np.asarray(seeds, np.uint32)),

@@ -120,6 +120,9 @@ class RunSteps:
     self.set_lr = jax.jit(
         lambda s, lr: s.replace(opt_state=optim.set_learning_rate(s.opt_state, lr)),
         out_shardings=rep, donate_argnums=(0,))
+    # a run's dropout key, made on the mesh (a key made on one device cannot be put on a mesh
+    # that spans other processes' devices)
+    self.key = jax.jit(jax.random.key, out_shardings=rep)
 
   def put(self, batch: Mapping[str, np.ndarray], keys=BATCH_KEYS) -> dict[str, jax.Array]:
     """This process's block of a batch (its `keys`) as global arrays split over the mesh."""
@@ -184,7 +187,7 @@ def train_run(run, cfg: DMDConfig, init_params: Callable[[int], Any], member: Me
     state, meta = resume(latest, epoch, state, protocol, loader, member.name, out.log)
   state = jax.device_put(jax.device_get(state), steps.replicated)
   best = None                                   # host copy of the best parameters so far
-  rng = jax.device_put(jax.random.key(np.uint32(member.seed)), steps.replicated)
+  rng = steps.key(np.uint32(member.seed))
   out.start(epoch)
 
   stop = False
@@ -245,7 +248,7 @@ def smoke(run, log: Callable[[str], None] = print) -> dict[str, float]:
   tx = cached_optimizer(run.learning_rate, run.update_epochs, run.grad_clip)
   state = jax.device_put(create_train_state(init(0), tx), steps.replicated)
   batch = steps.put({k: np.asarray(v) for k, v in random_batch(cfg, run.batch_size).items()})
-  key = jax.device_put(jax.random.key(np.uint32(0)), steps.replicated)
+  key = steps.key(np.uint32(0))
   t0 = time.perf_counter()
   state, metrics = steps.train(state, batch, key)
   jax.block_until_ready(metrics)
