@@ -18,14 +18,14 @@ import jax
 from jax.sharding import Mesh
 import numpy as np
 
-from dmd_jax import fileio, schema
+from dmd_jax import schema
 from dmd_jax.analysis import edges
 from dmd_jax.analysis.metrics import METRIC_NAMES
 from dmd_jax.provenance import git_commit
 from dmd_jax.training import checkpoints
 from dmd_jax.training.group import train_group
 from dmd_jax.training.inputs import constant_baseline, open_data
-from dmd_jax.training.outputs import on_main_process, write_json, write_predictions, write_text
+from dmd_jax.training.outputs import write_json, write_predictions, write_text
 from dmd_jax.training.run_config import (check_run_folder, model, setup_compile_cache,
                                          validate_run)
 from dmd_jax.training.train import Member, cached_run_steps, evaluate, train_run
@@ -67,8 +67,8 @@ def run_training(run, workdir: str, *, progress: bool = True, log=print) -> dict
   cfg, init = model(run)
   # The config that decides this run's results, written once its data and text encoder are
   # found: what `python -m dmd_jax.export_edges --workdir`, bundles and later commands read back.
-  if on_main_process() and not os.path.isfile(os.path.join(workdir, 'config.json')):
-    fileio.atomic_write(os.path.join(workdir, 'config.json'), run.to_json_best_effort(indent=1))
+  if not os.path.isfile(os.path.join(workdir, 'config.json')):
+    write_text(os.path.join(workdir, 'config.json'), run.to_json_best_effort(indent=1))
   todo = groups(run, workdir)
   log(f'{run.dataset} {"aligned" if run.aligned else "unaligned"} from {data.path}; '
       f'{jax.device_count()} device(s) in {jax.process_count()} process(es); '
